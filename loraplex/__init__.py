@@ -1,0 +1,24 @@
+"""loraplex: low-rank and structured adaptation and compression of neural networks."""
+
+from loraplex._version import __version__
+from loraplex.adapter import Adapter, Factorized
+from loraplex.adapters import METHODS
+from loraplex.inject import adapt, adapters, disabled, merge, unload
+from loraplex.io import load, save
+from loraplex.peft_io import export_peft, import_peft
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "Factorized",
+    "__version__",
+    "adapt",
+    "adapters",
+    "disabled",
+    "export_peft",
+    "import_peft",
+    "load",
+    "merge",
+    "save",
+    "unload",
+]

@@ -1,0 +1,188 @@
+"""The adapter contract shared by every method, and the small helpers built on it.
+
+An adapter is an ``nn.Module`` that owns the frozen layer it adapts as ``self.base`` (an
+``nn.Linear``, transformers' ``Conv1D``, or another adapter when several are stacked on one layer)
+and adds its own effect to the base output. Every method implements three things:
+
+* ``forward(x)``: the adapted output; ``self.active`` False means "behave as the base".
+* ``delta_weight()``: ΔW in the ``(out, in)`` layout, such that ``base(x) + x @ ΔW.T`` equals
+  ``forward(x)``. Merging, export and analysis are built on it and on nothing else.
+* ``num_params(in_features, out_features, **options)``: the documented trainable-parameter formula.
+
+Stacked adapters add up: each adapter's effect is taken relative to the innermost (root) layer's
+weight, never relative to the output of the adapter below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+_serial = itertools.count()
+_restoring: ContextVar[bool] = ContextVar("loraplex_restoring", default=False)
+
+
+@contextlib.contextmanager
+def restoring() -> Iterator[None]:
+    """Inside this block adapters are built for loading: no data-dependent init, base untouched."""
+    token = _restoring.set(True)
+    try:
+        yield
+    finally:
+        _restoring.reset(token)
+
+
+def is_restoring() -> bool:
+    return _restoring.get()
+
+
+def _conv1d_type() -> type | None:
+    # A model holding a Conv1D has imported transformers already; never import it ourselves.
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(layer, conv1d)
+
+
+def is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+
+
+def root_layer(layer: nn.Module) -> nn.Module:
+    """The innermost linear layer under a stack of adapters."""
+    while isinstance(layer, Adapter):
+        layer = layer.base
+    return layer
+
+
+def weight_of(layer: nn.Module) -> Tensor:
+    """The weight of a linear layer in ``(out, in)`` layout (a view for ``Conv1D``)."""
+    return layer.weight.T if is_conv1d(layer) else layer.weight
+
+
+def linear_sizes(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer or of the layer under an adapter."""
+    w = weight_of(root_layer(layer))
+    return w.shape[1], w.shape[0]
+
+
+def check_int(name: str, value: Any, *, low: int = 1) -> int:
+    """Validate an integer option; ``low`` is the smallest allowed value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_dropout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout={value!r} must be a number in [0, 1)")
+    return float(value)
+
+
+class Adapter(nn.Module):
+    """Base class of every adapter layer (see the module docstring for the contract).
+
+    Args:
+        base: the layer to adapt: ``nn.Linear``, transformers' ``Conv1D``, or an adapter.
+    """
+
+    method: ClassVar[str]  # registry name
+    paper: ClassVar[str]  # URL of the paper
+    formula: ClassVar[str]  # trainable parameters, in words; num_params computes it
+    default_lr: ClassVar[float]  # AdamW learning rate used when the user gives none
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        root = root_layer(base)
+        if not is_linear(root):
+            raise ValueError(
+                f"can only adapt nn.Linear or transformers' Conv1D layers, not {type(root).__name__}"
+            )
+        root.requires_grad_(False)
+        self.base = base
+        self.name = "default"
+        self.active = True
+        self.options: dict[str, Any] = {}
+        self.serial = next(_serial)
+        self.in_features, self.out_features = linear_sizes(base)
+
+    @staticmethod
+    def stack(layer: nn.Module) -> list[Adapter]:
+        """The adapters stacked on ``layer``'s root, outermost first (empty for a plain layer)."""
+        out = []
+        while isinstance(layer, Adapter):
+            out.append(layer)
+            layer = layer.base
+        return out
+
+    @property
+    def root(self) -> nn.Module:
+        return root_layer(self.base)
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen root weight, ``(out, in)``."""
+        return weight_of(self.root)
+
+    @property
+    def stacked(self) -> bool:
+        """True when this adapter sits on top of another adapter."""
+        return isinstance(self.base, Adapter)
+
+    @property
+    def param_device(self) -> torch.device:
+        return self.root.weight.device
+
+    def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This adapter's parameters, without those of the layer it wraps."""
+        for name, p in self.named_parameters():
+            if not name.startswith("base."):
+                yield name, p
+
+    def own_state_dict(self) -> dict[str, Tensor]:
+        """This adapter's tensors (parameters and persistent buffers), without the wrapped layer's."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, **options: Any) -> int:
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def on_load(self) -> None:
+        """Called once after a checkpoint's tensors were loaded into this adapter."""
+
+    def release(self) -> nn.Module:
+        """Return the wrapped layer as it was before this adapter (used by ``unload``)."""
+        return self.base
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, {opts}"
+
+
+@runtime_checkable
+class Factorized(Protocol):
+    """An adapter whose update is ``scale * B @ A`` (LoRA-Pro, GoRA and SVD inits use this)."""
+
+    A: nn.Parameter  # (r, in)
+    B: nn.Parameter  # (out, r)
+    scale: float

@@ -1,0 +1,94 @@
+"""DoRA (Liu et al., ICML 2024): a learnable magnitude over LoRA's direction."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loraplex.adapters.lora import LoRA
+
+# Floor of the row norm: a zero row of W (with m = 0) then gives m / norm = 0, not 0 / 0 = NaN.
+NORM_EPS = 1e-12
+
+
+class DoRA(LoRA):
+    """DoRA: Weight-Decomposed Low-Rank Adaptation (https://arxiv.org/abs/2402.09353).
+
+    ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row``, ``s = alpha / rank``; ``m`` starts at ``‖W0‖_row``
+    so ``W' = W0`` at init. The norm is one per output row (the paper's "column norm" of the
+    transposed weight, as PEFT) and is detached from the graph (paper section 4.3).
+
+    Forward without a second matmul by W0 (dropout off, not stacked): with ``g = m / ‖V‖``,
+    ``y = g ⊙ (x W0^T + s x A^T B^T) + b``, reusing the one base product. With dropout on, the
+    direction term needs ``dropout(x) W0^T`` as PEFT computes it, so one extra matmul is paid.
+
+    Shapes: x (..., in) -> (..., out); A (r, in); B (out, r); m (out,).
+
+    Args:
+        base: the layer to adapt.
+        rank: inner dimension r.
+        alpha: scale numerator.
+        dropout: dropout probability on the low-rank branch's input.
+        rslora: use the rank-stabilised scale ``alpha / sqrt(rank)``.
+        init: ``"kaiming"`` or ``"gaussian"`` (A's init; B = 0).
+
+    Example:
+        >>> layer = DoRA(nn.Linear(16, 32), rank=4)
+        >>> layer(torch.randn(2, 16)).shape
+        torch.Size([2, 32])
+    """
+
+    method = "dora"
+    paper = "https://arxiv.org/abs/2402.09353"
+    formula = "rank * (in + out) + out"
+    default_lr = 1e-3  # as LoRA: the paper reuses LoRA's learning rates
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        if any(isinstance(a, DoRA) for a in self.stack(base)):
+            raise ValueError("a layer takes at most one DoRA adapter: two magnitudes on one row are not defined")
+        super().__init__(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
+        self.m = nn.Parameter(self.row_norm())  # (out,)
+
+    @classmethod
+    def inits(cls) -> tuple[str, ...]:
+        return ("kaiming", "gaussian")
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, *, rank: int = 8, **_: object) -> int:
+        return rank * (in_features + out_features) + out_features
+
+    @torch.no_grad()
+    def row_norm(self) -> Tensor:
+        """``‖W0 + s B A‖`` per output row in the adapter dtype (fp32), no gradient: (out,)."""
+        V = torch.addmm(self.weight.to(self.A.dtype), self.B, self.A, alpha=self.scale)  # (out, in)
+        return torch.linalg.vector_norm(V, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.active:
+            return self.base(x)
+        g = self.m / self.row_norm().clamp_min(NORM_EPS)  # (out,)
+        dx = self.dropout(x)
+        lora = self.lowrank(dx, self.A, self.B)  # (..., out)
+        bias = self.root.bias
+        if dx is x and not self.stacked:
+            y = F.linear(x, self.weight)  # the only product with W0, bias added after scaling
+            out = (g * (y + lora)).to(y.dtype)
+            return out if bias is None else out + bias
+        y = self.base(x)
+        return y + ((g - 1) * F.linear(dx, self.weight) + g * lora).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        W = self.weight.to(self.A.dtype)
+        V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)
+        g = self.m / torch.linalg.vector_norm(V, dim=1).detach().clamp_min(NORM_EPS)
+        return g[:, None] * V - W

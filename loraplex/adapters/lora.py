@@ -1,0 +1,160 @@
+"""LoRA (Hu et al., 2021) and its rsLoRA scale, Gaussian, PiSSA and OLoRA inits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, is_restoring
+
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+REWRITING_INITS = ("pissa", "olora")
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA (https://arxiv.org/abs/2312.03732)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def principal_factors(W: Tensor, rank: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
+    """Factors ``(A, B)`` with ``scale * B @ A`` the part of ``W`` that PiSSA / OLoRA move into the adapter.
+
+    PiSSA (https://arxiv.org/abs/2404.02948): ``W = U S Vh``; ``A = sqrt(S_r / s) Vh_r``,
+    ``B = U_r sqrt(S_r / s)``. OLoRA (https://arxiv.org/abs/2406.01775): ``W = Q R``;
+    ``A = R_r``, ``B = Q_r``. Both in fp32, exactly as HuggingFace PEFT computes them.
+
+    Shapes: W (out, in) -> A (r, in), B (out, r).
+    """
+    W = W.detach().float()
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = torch.sqrt(S[:rank] / scale)  # (r,)
+        return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+    Q, R = torch.linalg.qr(W)
+    return R[:rank].contiguous(), Q[:, :rank].contiguous()
+
+
+class LoRA(Adapter):
+    """LoRA: Low-Rank Adaptation (https://arxiv.org/abs/2106.09685).
+
+    ``y = W0 x + b + s · B A dropout(x)``, ``s = alpha / rank`` (``alpha / sqrt(rank)`` with
+    ``rslora``). ``delta_weight() = s · B A``.
+
+    Inits: ``"kaiming"`` (A as ``nn.Linear``'s default, B = 0: the base model at init, as PEFT),
+    ``"gaussian"`` (A ~ N(0, 1/rank), B = 0, as PEFT), ``"pissa"`` and ``"olora"`` (A, B from the
+    principal part of W0, and W0 rewritten to ``W0 - s B A`` so the output is still the base's). The
+    rewriting inits keep the initial factors as buffers ``A0``, ``B0``: ``disabled`` then adds
+    ``s B0 A0`` back (the true base output, which PEFT does not give), ``unload`` restores W0, and
+    a checkpoint re-creates the same residual on load without recomputing an SVD.
+
+    Shapes: x (..., in) -> (..., out); A (r, in); B (out, r).
+
+    Args:
+        base: the layer to adapt.
+        rank: inner dimension r.
+        alpha: scale numerator.
+        dropout: dropout probability on the adapter's input.
+        rslora: use the rank-stabilised scale ``alpha / sqrt(rank)``.
+        init: one of ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"olora"``.
+
+    Example:
+        >>> layer = LoRA(nn.Linear(16, 32), rank=4)
+        >>> layer(torch.randn(2, 16)).shape
+        torch.Size([2, 32])
+    """
+
+    A0: Tensor | None
+    B0: Tensor | None
+    method = "lora"
+    paper = "https://arxiv.org/abs/2106.09685"
+    formula = "rank * (in + out)"
+    default_lr = 1e-3  # the paper's GLUE runs use 2e-4..5e-4 for RoBERTa; 1e-3 is PEFT's common choice
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__(base)
+        check_int("rank", rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise ValueError(f"alpha={alpha!r} must be a finite number")
+        check_choice("init", init, self.inits())
+        if init in REWRITING_INITS and rank > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"rank={rank} must be <= min(in_features={self.in_features}, "
+                f"out_features={self.out_features}) for init={init!r}"
+            )
+        if init in REWRITING_INITS and self.stacked:
+            raise ValueError(f"init={init!r} rewrites the base weight and cannot stack on another adapter")
+        self.rank, self.scale, self.init = rank, lora_scale(rank, alpha, rslora), init
+        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        kw = dict(device=self.param_device, dtype=torch.float32)
+        self.A = nn.Parameter(torch.empty(rank, self.in_features, **kw))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, r)
+        rewrites = init in REWRITING_INITS
+        self.register_buffer("A0", torch.zeros_like(self.A) if rewrites else None)  # (r, in)
+        self.register_buffer("B0", torch.zeros_like(self.B) if rewrites else None)  # (out, r)
+        if not is_restoring():
+            self.reset_parameters()
+
+    @classmethod
+    def inits(cls) -> tuple[str, ...]:
+        return INITS
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, *, rank: int = 8, **_: object) -> int:
+        return rank * (in_features + out_features)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.init in REWRITING_INITS:
+            A, B = principal_factors(self.weight, self.rank, self.scale, self.init)
+            self.A.copy_(A), self.B.copy_(B)
+            self.A0.copy_(A), self.B0.copy_(B)  # type: ignore[union-attr]
+            self._shift_base(-1.0)
+            return
+        if self.init == "gaussian":
+            nn.init.normal_(self.A, std=1.0 / self.rank)
+        else:  # nn.Linear's default init, as loralib and PEFT (https://github.com/microsoft/LoRA)
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    @torch.no_grad()
+    def _shift_base(self, sign: float) -> None:
+        """W0 += sign * s * B0 @ A0, in fp32, written back in the base dtype."""
+        W = self.weight
+        shifted = W.float() + sign * self.scale * (self.B0 @ self.A0)  # (out, in)
+        W.copy_(shifted.to(W.dtype))
+
+    def on_load(self) -> None:
+        if self.A0 is not None:
+            self._shift_base(-1.0)
+
+    def release(self) -> nn.Module:
+        if self.A0 is not None:
+            self._shift_base(+1.0)
+        return self.base
+
+    def lowrank(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """``s · x A^T B^T`` computed in the adapter's dtype: (..., in) -> (..., out)."""
+        return F.linear(F.linear(x.to(A.dtype), A), B) * self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if not self.active:
+            if self.A0 is None:
+                return y
+            return y + self.lowrank(x, self.A0, self.B0).to(y.dtype)  # type: ignore[arg-type]
+        return y + self.lowrank(self.dropout(x), self.A, self.B).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return self.scale * (self.B @ self.A)  # (out, in)

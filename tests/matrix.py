@@ -1,0 +1,135 @@
+"""Small deterministic models, the method cases of the property matrix, and helpers."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class MLP(nn.Module):
+    """Two hidden linears with odd sizes and a classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 20)
+        self.fc2 = nn.Linear(20, 18)
+        self.classifier = nn.Linear(18, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """A tiny pre-norm transformer block: attention (q, k, v, o) and an MLP."""
+
+    def __init__(self, d: int = 16, heads: int = 2, hidden: int = 40) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.classifier = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        h = self.norm1(x)
+        q, k, v = (m(h).view(B, T, self.heads, -1).transpose(1, 2) for m in (self.query, self.key, self.value))
+        att = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D / heads)
+        x = x + self.out(att.transpose(1, 2).reshape(B, T, D))
+        x = x + self.down(F.gelu(self.up(self.norm2(x))))
+        return self.classifier(x.mean(1))
+
+
+class Odd(nn.Module):
+    """One non-square layer whose sizes are primes, not powers of two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(13, 29)
+        self.classifier = nn.Linear(29, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.proj(x)))
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+    def make(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.build().eval()
+
+    def input(self, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.input_shape, generator=g).to(dtype)
+
+
+MODELS = [
+    Model("mlp", MLP, (5, 12)),
+    Model("block", Block, (3, 7, 16)),
+    Model("odd", Odd, (4, 13)),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One method with options; ``identity``: the paper says the adapted model equals the base at init."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    identity: bool = True
+    stackable: bool = True
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "rank")
+        return self.method + (f"[{opts}]" if opts else "")
+
+
+CASES = [
+    Case("lora", {"rank": 4, "alpha": 8}),
+    Case("lora", {"rank": 3, "alpha": 5, "rslora": True, "init": "gaussian"}),
+    Case("lora", {"rank": 4, "alpha": 8, "init": "pissa"}, stackable=False),
+    Case("lora", {"rank": 4, "alpha": 8, "init": "olora"}, stackable=False),
+    Case("dora", {"rank": 4, "alpha": 8}),
+    Case("dora", {"rank": 2, "alpha": 2, "rslora": True, "dropout": 0.1}),
+]
+
+# Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.
+TOL: dict[str, dict[str, float]] = {
+    "default": {"rtol": 1e-5, "atol": 1e-5},
+    "lora[init=pissa]": {"rtol": 1e-4, "atol": 1e-4},  # W0 - sB0A0 + sB0A0 loses low bits of W0
+    "lora[init=olora]": {"rtol": 1e-4, "atol": 1e-4},
+}
+
+
+def tol(case: Case) -> dict[str, float]:
+    key = f"{case.method}[{','.join(f'{k}={v}' for k, v in case.options.items() if k == 'init')}]"
+    return TOL.get(key, TOL["default"])
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 3, scale: float = 0.2) -> None:
+    """Move every adapter parameter away from its init, deterministically (non-identity init)."""
+    import loraplex
+
+    g = torch.Generator().manual_seed(seed)
+    for _, a in loraplex.adapters(model):
+        for _, p in a.own_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

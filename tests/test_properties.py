@@ -1,0 +1,285 @@
+"""The shared property matrix (../shared/docs/properties.md, A-E), over every registered method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from matrix import CASES, MODELS, Case, Model, clone, perturb, tol
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import loraplex
+from loraplex import METHODS, Adapter
+from loraplex.adapter import linear_sizes
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
+
+
+def adapted(spec: Model, case: Case, seed: int = 0, **kw) -> tuple[nn.Module, nn.Module]:
+    """(base, adapted copy) with every linear but the head adapted."""
+    base = spec.make(seed)
+    model = loraplex.adapt(clone(base), case.method, train=["classifier"], **case.options, **kw)
+    return base, model
+
+
+def train_steps(model: nn.Module, spec: Model, n: int = 3) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(n):
+        model(spec.input(seed=10 + i)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_every_method_has_a_case() -> None:
+    assert {c.method for c in CASES} == set(METHODS)
+
+
+# A. Construction -------------------------------------------------------------------------------
+
+
+def test_adapt_replaces_exactly_the_targets(case: Case, model_spec: Model) -> None:
+    base = model_spec.make()
+    linears = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "classifier"]
+    targets = linears[:1] if len(linears) > 1 else linears
+    model = loraplex.adapt(clone(base), case.method, targets=targets, **case.options)
+    got = {n for n, m in model.named_modules() if isinstance(m, Adapter)}
+    assert got == set(targets)
+    for n in targets:
+        a = model.get_submodule(n)
+        assert (a.in_features, a.out_features) == linear_sizes(base.get_submodule(n))
+    assert torch.isfinite(model(model_spec.input())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_forward_dtypes(case: Case, dtype: torch.dtype) -> None:
+    spec = MODELS[0]
+    model = loraplex.adapt(spec.make().to(dtype), case.method, **case.options)
+    perturb(model)
+    y = model(spec.input(dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    for _, a in loraplex.adapters(model):
+        assert all(p.dtype == torch.float32 for _, p in a.own_parameters())
+
+
+def test_trainable_count_is_the_formula(case: Case, model_spec: Model) -> None:
+    base, model = adapted(model_spec, case)
+    expected = sum(
+        METHODS[case.method].num_params(*linear_sizes(a), **case.options) for _, a in loraplex.adapters(model)
+    )
+    expected += sum(p.numel() for p in base.classifier.parameters())
+    assert loraplex.inject.count_trainable(model) == expected
+
+
+# B. Trainability -------------------------------------------------------------------------------
+
+
+def test_gradients_reach_exactly_the_trainable(case: Case, model_spec: Model) -> None:
+    _, model = adapted(model_spec, case)
+    perturb(model)
+    model(model_spec.input()).square().mean().backward()
+    trainable = {id(p) for _, a in loraplex.adapters(model) for _, p in a.own_parameters()}
+    trainable |= {id(p) for p in model.classifier.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+
+
+def test_training_moves_adapters_and_never_the_base(case: Case, model_spec: Model) -> None:
+    _, model = adapted(model_spec, case)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_steps(model, model_spec)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+def test_gradients_match_the_dense_reference(case: Case) -> None:
+    torch.manual_seed(0)
+    a = METHODS[case.method](nn.Linear(13, 29), **case.options).double().eval()
+    perturb(nn.Sequential(a))
+    x = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 29, dtype=torch.float64)
+    own = [p for _, p in a.own_parameters()]
+    got = torch.autograd.grad((a(x) * g).sum(), [x, *own])
+    W = a.weight
+    dense = F.linear(x, W + a.delta_weight(), a.root.bias)
+    want = torch.autograd.grad((dense * g).sum(), [x, *own])
+    for u, v in zip(got, want, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-10)
+
+
+# C. Identity at init, switching off ------------------------------------------------------------
+
+
+def test_identity_at_init(case: Case, model_spec: Model) -> None:
+    if not case.identity:
+        pytest.skip(f"{case} does not start at the base model (documented)")
+    base, model = adapted(model_spec, case)
+    x = model_spec.input()
+    torch.testing.assert_close(model(x), base(x), **tol(case))
+
+
+def test_disabled_is_the_base_and_switches_back(case: Case, model_spec: Model) -> None:
+    base, model = adapted(model_spec, case)
+    train_steps(model, model_spec)
+    base.classifier.load_state_dict(model.classifier.state_dict())
+    x = model_spec.input()
+    trained = model(x)
+    assert not torch.allclose(trained, base(x), rtol=1e-4, atol=1e-4)
+    with loraplex.disabled(model):
+        torch.testing.assert_close(model(x), base(x), **tol(case))
+    torch.testing.assert_close(model(x), trained, rtol=0, atol=0)
+
+
+# D. Merging ------------------------------------------------------------------------------------
+
+
+def test_delta_weight_explains_the_output(case: Case) -> None:
+    torch.manual_seed(0)
+    a = METHODS[case.method](nn.Linear(13, 29), **case.options).eval()
+    perturb(nn.Sequential(a))
+    x = torch.randn(6, 13)
+    torch.testing.assert_close(a.base(x) + x @ a.delta_weight().T, a(x), **tol(case))
+
+
+def test_merge_equals_unmerged(case: Case, model_spec: Model, tmp_path) -> None:
+    _, model = adapted(model_spec, case)
+    perturb(model)
+    x = model_spec.input()
+    y = model(x)
+    loraplex.merge(model)
+    assert not any(isinstance(m, Adapter) for m in model.modules())
+    torch.testing.assert_close(model(x), y, **tol(case))
+    save_file(model.state_dict(), tmp_path / "merged.safetensors")
+    fresh = model_spec.make(seed=5)
+    fresh.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    torch.testing.assert_close(fresh(x), y, **tol(case))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_merge_refuses_non_finite(case: Case, bad: float) -> None:
+    spec = MODELS[0]
+    _, model = adapted(spec, case)
+    found = loraplex.adapters(model)
+    _, a = found[-1]
+    with torch.no_grad():
+        next(p for _, p in a.own_parameters()).view(-1)[0] = bad
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        loraplex.merge(model)
+    assert loraplex.adapters(model) == found
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state if torch.isfinite(state[k]).all())
+
+
+def test_unload_gives_back_the_base(case: Case, model_spec: Model) -> None:
+    base, model = adapted(model_spec, case)
+    perturb(model)
+    loraplex.unload(model)
+    x = model_spec.input()
+    torch.testing.assert_close(model(x), base(x), **tol(case))
+    assert model.state_dict().keys() == base.state_dict().keys()
+
+
+# E. Saving and loading -------------------------------------------------------------------------
+
+
+def test_save_writes_only_safetensors_and_json(case: Case, tmp_path) -> None:
+    _, model = adapted(MODELS[0], case)
+    loraplex.save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.json", "adapter.safetensors"]
+    spec = json.loads((tmp_path / "adapter.json").read_text())
+    assert spec["adapters"][0]["method"] == case.method
+    with safe_open(tmp_path / "adapter.safetensors", "pt") as f:
+        keys = list(f.keys())
+    base_keys = set(MODELS[0].make().state_dict())
+    assert keys and all(k.startswith(("adapter.", "train.")) for k in keys)
+    assert not any(k.split(".", 2)[-1] in base_keys for k in keys if k.startswith("adapter."))
+
+
+def test_round_trip_into_a_fresh_model(case: Case, model_spec: Model, tmp_path) -> None:
+    base, model = adapted(model_spec, case)
+    train_steps(model, model_spec)
+    loraplex.save(model, tmp_path)
+    fresh = model_spec.make(seed=99)  # other random init, then the same "pretrained" weights
+    fresh.load_state_dict(base.state_dict())
+    torch.manual_seed(1234)
+    loraplex.load(fresh, tmp_path)
+    x = model_spec.input()
+    torch.testing.assert_close(fresh(x), model(x), **tol(case))
+    saved = load_file(tmp_path / "adapter.safetensors")
+    train_steps(fresh, model_spec)
+    train_steps(model, model_spec)
+    loraplex.save(fresh, tmp_path / "again")
+    again = load_file(tmp_path / "again" / "adapter.safetensors")
+    assert again.keys() == saved.keys()
+    reloaded = model_spec.make(seed=7)
+    reloaded.load_state_dict(base.state_dict())
+    loraplex.load(reloaded, tmp_path / "again")
+    for k, v in loraplex.io.tensors_of(reloaded).items():
+        assert torch.equal(v, again[k]), k
+
+
+def _assert_untouched(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    assert not loraplex.adapters(model)
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def test_load_rejects_mismatches_and_leaves_the_model(case: Case, tmp_path) -> None:
+    _, model = adapted(MODELS[0], case)
+    loraplex.save(model, tmp_path)
+    other = MODELS[2].make()  # different layer names
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="fc1"):
+        loraplex.load(other, tmp_path)
+    _assert_untouched(other, state)
+
+    wide = MODELS[0].make()
+    wide.fc2 = nn.Linear(20, 18 + 1)  # same names, other shapes
+    state = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"fc2.*shape"):
+        loraplex.load(wide, tmp_path)
+    _assert_untouched(wide, state)
+
+    spec = json.loads((tmp_path / "adapter.json").read_text())
+    spec["adapters"][0]["method"] = "no-such-method"
+    (tmp_path / "adapter.json").write_text(json.dumps(spec))
+    fresh = MODELS[0].make()
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="no-such-method"):
+        loraplex.load(fresh, tmp_path)
+    _assert_untouched(fresh, state)
+
+
+def test_two_adapters_on_one_layer_add_up(case: Case, model_spec: Model) -> None:
+    first = Case("lora", {"rank": 2}) if case.method == "dora" or not case.stackable else case
+    model = loraplex.adapt(model_spec.make(), first.method, name="a", **first.options)
+    if not case.stackable:
+        with pytest.raises(ValueError, match="stack"):
+            loraplex.adapt(model, case.method, name="b", **case.options)
+        return
+    loraplex.adapt(model, case.method, name="b", **case.options)
+    perturb(model)
+    for name, top in loraplex.inject.layers(model).items():
+        if not isinstance(top, Adapter):
+            continue
+        b, a = Adapter.stack(top)
+        x = torch.randn(6, top.in_features)
+        root = top.root(x)
+        effects = []
+        for on in ([a], [b], [a, b]):
+            a.active, b.active = a in on, b in on
+            effects.append(top(x) - root)
+        torch.testing.assert_close(effects[2], effects[0] + effects[1], **tol(case))
+        delta = a.delta_weight() + b.delta_weight()
+        torch.testing.assert_close(top(x), root + x @ delta.T, **tol(case))
