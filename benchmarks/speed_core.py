@@ -340,6 +340,16 @@ def markdown(cells: list[list[str]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     import peft
     import transformers
@@ -354,7 +364,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "alpha": 2 * args.rank,
         "lr": LR,
         "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
         "targets": TARGETS,
         "versions": {
             "python": platform.python_version(),

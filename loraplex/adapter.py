@@ -68,7 +68,9 @@ def root_layer(layer: nn.Module) -> nn.Module:
 
 def weight_of(layer: nn.Module) -> Tensor:
     """The weight of a linear layer in ``(out, in)`` layout (a view for ``Conv1D``)."""
-    return layer.weight.T if is_conv1d(layer) else layer.weight
+    w = layer.weight
+    assert isinstance(w, Tensor)
+    return w.T if is_conv1d(layer) else w
 
 
 def linear_sizes(layer: nn.Module) -> tuple[int, int]:
@@ -112,9 +114,7 @@ class Adapter(nn.Module):
         super().__init__()
         root = root_layer(base)
         if not is_linear(root):
-            raise ValueError(
-                f"can only adapt nn.Linear or transformers' Conv1D layers, not {type(root).__name__}"
-            )
+            raise ValueError(f"can only adapt nn.Linear or transformers' Conv1D layers, not {type(root).__name__}")
         root.requires_grad_(False)
         self.base = base
         self.name = "default"
@@ -148,7 +148,7 @@ class Adapter(nn.Module):
 
     @property
     def param_device(self) -> torch.device:
-        return self.root.weight.device
+        return self.weight.device
 
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This adapter's parameters, without those of the layer it wraps."""

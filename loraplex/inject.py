@@ -25,11 +25,11 @@ def layers(model: nn.Module) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
-        if inside and (name + ".").startswith(inside[-1]):
+        if inside and name.startswith(inside[-1]):
             continue
         if isinstance(module, Adapter):
             found[name] = module
-            inside.append(name + ".")
+            inside.append(name + "." if name else "")  # skip what the stack wraps
         elif is_linear(module):
             found[name] = module
     return found
@@ -149,7 +149,7 @@ def trained_modules(model: nn.Module) -> list[str]:
 def add_trained(model: nn.Module, names: Iterable[str]) -> None:
     """Record ``names`` as trained modules (saved with the adapters) and refreeze the model."""
     known = trained_modules(model)
-    model._loraplex_train = known + [n for n in names if n not in known]
+    object.__setattr__(model, "_loraplex_train", known + [n for n in names if n not in known])
     freeze(model, trained_modules(model))
 
 
@@ -230,7 +230,7 @@ def unload(model: nn.Module) -> nn.Module:
             layer = layer.release()
         if layer is not top:
             model.set_submodule(n, layer)
-    model._loraplex_train = []
+    object.__setattr__(model, "_loraplex_train", [])
     return model
 
 
@@ -250,4 +250,3 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from loraplex._version import __version__
 from loraplex.adapter import Adapter, restoring
 from loraplex.adapters import METHODS
-from loraplex.inject import add_trained, adapters, bind_options, build, layers, trained_modules
+from loraplex.inject import adapters, add_trained, bind_options, build, layers, trained_modules
 
 FORMAT = "loraplex.adapter"
 FORMAT_VERSION = 1
@@ -59,7 +59,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
 
 
 def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Tensor]) -> None:
@@ -154,8 +159,7 @@ def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path}: format_version={version!r} must be a positive integer")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version={version} is newer than this loraplex reads ({FORMAT_VERSION}); "
-            "upgrade loraplex"
+            f"{path}: format_version={version} is newer than this loraplex reads ({FORMAT_VERSION}); upgrade loraplex"
         )
     if extra := sorted(set(spec) - SPEC_KEYS):
         warnings.warn(f"{path}: ignoring unknown keys {extra}", stacklevel=3)
@@ -169,8 +173,7 @@ def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
             warnings.warn(f"{path}: ignoring unknown keys {extra} in an adapter entry", stacklevel=3)
         if entry.get("method") not in METHODS:
             raise ValueError(
-                f"{path}: method={entry.get('method')!r} is not one of the registered methods: "
-                f"{', '.join(METHODS)}"
+                f"{path}: method={entry.get('method')!r} is not one of the registered methods: {', '.join(METHODS)}"
             )
         if not isinstance(entry.get("options", {}), dict):
             raise ValueError(f"{path}: options must be an object, not {entry.get('options')!r}")
@@ -185,9 +188,7 @@ def _check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], where:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"{where} does not match the spec: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise ValueError(f"{where} does not match the spec: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     for k, want in expected.items():
         got = found[k]
         if got.shape != want.shape or got.dtype != want.dtype:
@@ -221,8 +222,9 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
                     )
                 if name in {a.name for a in Adapter.stack(current[layer])}:
                     raise ValueError(f"layer {layer!r} already has an adapter named {name!r}")
-                current[layer] = build(method, current[layer], options, name, layer)
-                plan.append((layer, current[layer]))
+                adapter = build(method, current[layer], options, name, layer)
+                current[layer] = adapter
+                plan.append((layer, adapter))
     train = spec.get("train", [])
     modules = dict(model.named_modules())
     if missing := [t for t in train if t not in modules]:

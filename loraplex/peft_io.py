@@ -32,16 +32,23 @@ PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # PEFT config entries whose non-default values change the forward in ways loraplex does not model.
-UNSUPPORTED = {"lora_bias": False, "layer_replication": None, "target_parameters": None,
-               "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None,
-               "alora_invocation_tokens": None, "megatron_config": None}
+UNSUPPORTED = {
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "megatron_config": None,
+}
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _factors(a: LoRA) -> tuple[Tensor, Tensor, int, float]:
     """``(A, B, rank, alpha)`` of the PEFT LoRA equivalent to ``a`` on the original base weight."""
     A, B = a.A.detach(), a.B.detach()
-    if a.A0 is not None:  # PiSSA / OLoRA: fold the base rewrite into a rank-2r adapter
+    if a.A0 is not None and a.B0 is not None:  # PiSSA / OLoRA: fold the base rewrite into a rank-2r adapter
         A, B = torch.cat([A, -a.A0]), torch.cat([B, a.B0], dim=1)
     r = A.shape[0]
     alpha = a.scale * (r**0.5 if a.options["rslora"] else r)
@@ -177,7 +184,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str], name: str =
             if f"{t}.{k}" not in tensors or tensors[f"{t}.{k}"].shape != v.shape:
                 raise ValueError(f"{d}: modules_to_save tensor {t}.{k} missing or of the wrong shape")
 
-    options = {"dropout": float(config.get("lora_dropout", 0.0)), "rslora": bool(config.get("use_rslora"))}
+    options: dict[str, Any] = {
+        "dropout": float(config.get("lora_dropout", 0.0)),
+        "rslora": bool(config.get("use_rslora")),
+    }
     for (r, alpha), names in groups.items():
         adapt(model, "dora" if dora else "lora", targets=names, name=name, rank=r, alpha=alpha, **options)
     with torch.no_grad():

@@ -270,7 +270,7 @@ def test_two_adapters_on_one_layer_add_up(case: Case, model_spec: Model) -> None
         return
     loraplex.adapt(model, case.method, name="b", **case.options)
     perturb(model)
-    for name, top in loraplex.inject.layers(model).items():
+    for top in loraplex.inject.layers(model).values():
         if not isinstance(top, Adapter):
             continue
         b, a = Adapter.stack(top)

@@ -80,6 +80,7 @@ class DoRA(LoRA):
         dx = self.dropout(x)
         lora = self.lowrank(dx, self.A, self.B)  # (..., out)
         bias = self.root.bias
+        assert bias is None or isinstance(bias, Tensor)
         if dx is x and not self.stacked:
             y = F.linear(x, self.weight)  # the only product with W0, bias added after scaling
             out = (g * (y + lora)).to(y.dtype)

@@ -97,9 +97,9 @@ class LoRA(Adapter):
             raise ValueError(f"init={init!r} rewrites the base weight and cannot stack on another adapter")
         self.rank, self.scale, self.init = rank, lora_scale(rank, alpha, rslora), init
         self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
-        kw = dict(device=self.param_device, dtype=torch.float32)
-        self.A = nn.Parameter(torch.empty(rank, self.in_features, **kw))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, r)
+        device = self.param_device
+        self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), fp32
+        self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r), fp32
         rewrites = init in REWRITING_INITS
         self.register_buffer("A0", torch.zeros_like(self.A) if rewrites else None)  # (r, in)
         self.register_buffer("B0", torch.zeros_like(self.B) if rewrites else None)  # (out, r)
@@ -131,6 +131,7 @@ class LoRA(Adapter):
     @torch.no_grad()
     def _shift_base(self, sign: float) -> None:
         """W0 += sign * s * B0 @ A0, in fp32, written back in the base dtype."""
+        assert self.A0 is not None and self.B0 is not None
         W = self.weight
         shifted = W.float() + sign * self.scale * (self.B0 @ self.A0)  # (out, in)
         W.copy_(shifted.to(W.dtype))

