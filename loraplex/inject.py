@@ -176,7 +176,7 @@ def adapt(
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> model = loraplex.adapt(model, "lora", rank=2)
         >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
-        96
+        88
     """
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ValueError(f"name={name!r} must be letters, digits, '_' or '-'")
