@@ -122,6 +122,7 @@ class Adapter(nn.Module):
         self.options: dict[str, Any] = {}
         self.serial = next(_serial)
         self.in_features, self.out_features = linear_sizes(base)
+        self.transposed = is_conv1d(root)  # Conv1D keeps its weight as (in, out)
 
     @staticmethod
     def stack(layer: nn.Module) -> list[Adapter]:
@@ -139,7 +140,16 @@ class Adapter(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The frozen root weight, ``(out, in)``."""
-        return weight_of(self.root)
+        w = self.root.weight
+        assert isinstance(w, Tensor)
+        return w.T if self.transposed else w
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The frozen root bias, ``(out,)``, or None."""
+        b = self.root.bias
+        assert b is None or isinstance(b, Tensor)
+        return b
 
     @property
     def stacked(self) -> bool:

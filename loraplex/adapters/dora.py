@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loraplex.adapters._ops import lowrank_linear
 from loraplex.adapters.lora import LoRA
 
 # Floor of the row norm: a zero row of W (with m = 0) then gives m / norm = 0, not 0 / 0 = NaN.
@@ -76,20 +77,21 @@ class DoRA(LoRA):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return self.base(x)
-        g = self.m / self.row_norm().clamp_min(NORM_EPS)  # (out,)
+        inv_norm = 1.0 / self.row_norm().clamp_min(NORM_EPS)  # (out,), a constant (paper 4.3)
+        if self.fusable(x):
+            return lowrank_linear(x, self.weight, self.bias, self.A, self.B, self.scale, self.m, inv_norm)
+        g = self.m * inv_norm  # (out,)
         dx = self.dropout(x)
         lora = self.lowrank(dx, self.A, self.B)  # (..., out)
-        bias = self.root.bias
-        assert bias is None or isinstance(bias, Tensor)
         if dx is x and not self.stacked:
             y = F.linear(x, self.weight)  # the only product with W0, bias added after scaling
             out = (g * (y + lora)).to(y.dtype)
-            return out if bias is None else out + bias
+            return out if self.bias is None else out + self.bias
         y = self.base(x)
         return y + ((g - 1) * F.linear(dx, self.weight) + g * lora).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         W = self.weight.to(self.A.dtype)
         V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)
-        g = self.m / torch.linalg.vector_norm(V, dim=1).detach().clamp_min(NORM_EPS)
+        g = self.m * (1.0 / torch.linalg.vector_norm(V, dim=1).detach().clamp_min(NORM_EPS))
         return g[:, None] * V - W

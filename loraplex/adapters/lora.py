@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, is_restoring
+from loraplex.adapters._ops import can_fuse, lowrank_linear
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 REWRITING_INITS = ("pissa", "olora")
@@ -149,7 +150,14 @@ class LoRA(Adapter):
         """``s · x A^T B^T`` computed in the adapter's dtype: (..., in) -> (..., out)."""
         return F.linear(F.linear(x.to(A.dtype), A), B) * self.scale
 
+    def fusable(self, x: Tensor) -> bool:
+        """One fused autograd node applies: plain base layer, no live dropout, frozen fp32 base."""
+        live_dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        return not self.stacked and not live_dropout and can_fuse(x, self.weight, self.bias, self.A)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.active and self.fusable(x):
+            return lowrank_linear(x, self.weight, self.bias, self.A, self.B, self.scale)
         y = self.base(x)
         if not self.active:
             if self.A0 is None:

@@ -1,0 +1,86 @@
+"""Fused kernels shared by adapters: pure functions of tensors.
+
+``lowrank_linear`` computes LoRA's and DoRA's whole layer in one autograd node. Written with plain
+autograd, a LoRA layer costs 1.59x the frozen linear's forward + backward on CPU (N = 512 tokens,
+384 -> 1536); this node costs 1.30x, because it (1) adds the low-rank product into the base GEMM's
+output buffer (``addmm_``) instead of allocating a sum, (2) adds the low-rank input gradient into
+the base input gradient in place, and (3) orders the skinny products so BLAS reads the big
+``(N, out)`` gradient row-major: ``B^T gy^T`` and ``h^T gy`` run 2.3x and 4x faster than the
+``gy B`` and ``gy^T h`` that autograd's ``mm`` backward picks (measured, see benchmarks/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``y = g ⊙ (x W^T + s (x A^T) B^T) + b`` with ``g = m ⊙ inv_norm`` (DoRA) or ``g = 1`` (LoRA).
+
+    Shapes: x (N, in); W (out, in) frozen; b (out,) frozen or None; A (r, in); B (out, r);
+    m, inv_norm (out,) or None (inv_norm is detached: DoRA treats the norm as a constant).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: float,
+                m: Tensor | None, inv_norm: Tensor | None) -> Tensor:  # fmt: skip
+        h = x @ A.T  # (N, r)
+        if m is None:
+            y = x @ W.T if b is None else torch.addmm(b, x, W.T)  # (N, out): the base GEMM
+            y.addmm_(h, B.T, alpha=s)  # low-rank product added in place
+            ctx.save_for_backward(x, W, A, B, h, None, None, None)
+        else:
+            z = x @ W.T  # (N, out): the base GEMM, kept for the gradient of m
+            z.addmm_(h, B.T, alpha=s)
+            g = m * inv_norm  # (out,)
+            y = torch.mul(z, g) if b is None else torch.addcmul(b, z, g)
+            ctx.save_for_backward(x, W, A, B, h, m, inv_norm, z)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, W, A, B, h, m, inv_norm, z = ctx.saved_tensors
+        s = ctx.s
+        gm = None
+        if m is not None:
+            if ctx.needs_input_grad[6]:
+                gm = (gy * z).sum(0) * inv_norm  # (out,)
+            gy = gy * (m * inv_norm)
+        ghT = (B.T.contiguous() @ gy.T).mul_(s)  # (r, N): B^T gy^T reads gy row-major
+        gA = ghT @ x if ctx.needs_input_grad[3] else None  # (r, in)
+        gB = (h.T @ gy).mul_(s).T.contiguous() if ctx.needs_input_grad[4] else None  # (out, r)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ W  # (N, in)
+            gx.addmm_(ghT.T, A)
+        return gx, None, None, gA, gB, None, gm, None
+
+
+def lowrank_linear(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    s: float,
+    m: Tensor | None = None,
+    inv_norm: Tensor | None = None,
+) -> Tensor:
+    """Fused LoRA (``m is None``) or DoRA layer over a frozen ``W``: x (..., in) -> (..., out)."""
+    lead = x.shape[:-1]
+    y = _LowRankLinear.apply(x.reshape(-1, x.shape[-1]), W, b, A, B, s, m, inv_norm)
+    return y.view(*lead, W.shape[0])
+
+
+def can_fuse(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor) -> bool:
+    """The fused node assumes a frozen base, one dtype throughout and no autocast."""
+    return (
+        not W.requires_grad
+        and (b is None or not b.requires_grad)
+        and x.dtype == W.dtype == A.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
