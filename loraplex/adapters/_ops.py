@@ -33,6 +33,7 @@ class _LowRankLinear(torch.autograd.Function):
             y.addmm_(h, B.T, alpha=s)  # low-rank product added in place
             ctx.save_for_backward(x, W, A, B, h, None, None, None)
         else:
+            assert inv_norm is not None
             z = x @ W.T  # (N, out): the base GEMM, kept for the gradient of m
             z.addmm_(h, B.T, alpha=s)
             g = m * inv_norm  # (out,)
