@@ -177,6 +177,39 @@ class Adapter(nn.Module):
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 
+    # HuggingFace PEFT interop (optional): PEFT's name for the method, and the tensor names under a
+    # layer in its checkpoints (the first one marks the adapted layers).
+    peft_type: ClassVar[str | None] = None
+    peft_keys: ClassVar[tuple[str, ...]] = ()
+
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """This layer's PEFT config values and tensors (by ``peft_keys``).
+
+        The tensors are views of this adapter's parameters, so that the default ``load_peft`` can
+        copy into them; a method whose export converts (PiSSA's rank-2r LoRA) overrides both.
+        """
+        raise NotImplementedError(f"{self.method} has no HuggingFace PEFT equivalent")
+
+    @classmethod
+    def peft_matches(cls, config: dict[str, Any]) -> bool:
+        """Whether a PEFT config of ``peft_type`` describes this method (LoRA vs DoRA, MiSS vs Bone)."""
+        return True
+
+    @classmethod
+    def peft_options(cls, config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+        """Options for one layer from PEFT's config (patterns resolved) and that layer's tensors."""
+        raise NotImplementedError(f"{cls.method} has no HuggingFace PEFT equivalent")
+
+    @torch.no_grad()
+    def load_peft(self, tensors: dict[str, Tensor]) -> None:
+        """Copy one layer's PEFT tensors in; a missing or misshapen tensor is a ``ValueError``."""
+        for key, mine in self.to_peft()[1].items():
+            got = tensors.get(key)
+            if got is None or got.shape != mine.shape:
+                shape = None if got is None else tuple(got.shape)
+                raise ValueError(f"PEFT tensor {key!r} has shape {shape}, expected {tuple(mine.shape)}")
+            mine.copy_(got)
+
     def on_load(self) -> None:
         """Called once after a checkpoint's tensors were loaded into this adapter."""
 

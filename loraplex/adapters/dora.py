@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,6 +69,16 @@ class DoRA(LoRA):
     @classmethod
     def num_params(cls, in_features: int, out_features: int, *, rank: int = 8, **_: object) -> int:
         return rank * (in_features + out_features) + out_features
+
+    peft_keys = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        config, tensors = super().to_peft()
+        return config | {"use_dora": True}, tensors | {"lora_magnitude_vector": self.m.detach()}
+
+    @classmethod
+    def peft_matches(cls, config: dict[str, Any]) -> bool:
+        return bool(config.get("use_dora", False))
 
     @torch.no_grad()
     def row_norm(self) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,49 @@ class LoRA(Adapter):
         if self.A0 is not None:
             self._shift_base(+1.0)
         return self.base
+
+    peft_type = "LORA"
+    peft_keys: tuple[str, ...] = ("lora_A.weight", "lora_B.weight")
+
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PiSSA / OLoRA export as PEFT converts them (``path_initial_model_for_weight_conversion``):
+        a LoRA of rank 2r, ``B' = [B, B0]``, ``A' = [A; -A0]``, same scale, on the original W0."""
+        A, B = self.A.detach(), self.B.detach()
+        if self.A0 is not None and self.B0 is not None:
+            A, B = torch.cat([A, -self.A0]), torch.cat([B, self.B0], dim=1)
+        r, rslora = A.shape[0], self.options.get("rslora", False)
+        config = {
+            "r": r,
+            "lora_alpha": self.scale * (math.sqrt(r) if rslora else r),
+            "use_rslora": rslora,
+            "use_dora": False,
+            "lora_dropout": self.options.get("dropout", 0.0),
+            "fan_in_fan_out": self.transposed,
+            "init_lora_weights": True,
+        }
+        return config, {"lora_A.weight": A, "lora_B.weight": B}
+
+    @classmethod
+    def peft_matches(cls, config: dict[str, Any]) -> bool:
+        return not config.get("use_dora", False)
+
+    @classmethod
+    def peft_options(cls, config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq")):
+            raise ValueError(
+                f"init_lora_weights={init!r} checkpoints need the rewritten base model they were trained on; "
+                "save them with PEFT's path_initial_model_for_weight_conversion first"
+            )
+        A = tensors.get("lora_A.weight")
+        if A is None or A.ndim != 2:
+            raise ValueError("PEFT tensor 'lora_A.weight' is missing or not a matrix")
+        return {
+            "rank": A.shape[0],
+            "alpha": float(config.get("lora_alpha", 8)),
+            "rslora": bool(config.get("use_rslora", False)),
+            "dropout": float(config.get("lora_dropout", 0.0)),
+        }
 
     def lowrank(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """``s · x A^T B^T`` computed in the adapter's dtype: (..., in) -> (..., out)."""
