@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,7 @@ class LoRA(Adapter):
         return self.base
 
     peft_type = "LORA"
-    peft_keys: tuple[str, ...] = ("lora_A.weight", "lora_B.weight")
+    peft_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """PiSSA / OLoRA export as PEFT converts them (``path_initial_model_for_weight_conversion``):
