@@ -86,12 +86,23 @@ MODELS = [
 
 @dataclass(frozen=True)
 class Case:
-    """One method with options; ``identity``: the paper says the adapted model equals the base at init."""
+    """One method with options.
+
+    ``identity``: the paper says the adapted model equals the base at init; ``stackable``: two
+    adapters of this case may sit on one layer; ``models``: the matrix models whose layer sizes the
+    options fit (block sizes must divide them); ``layer``: (in, out) of the single-layer checks.
+    """
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     identity: bool = True
     stackable: bool = True
+    models: tuple[str, ...] = ("mlp", "block", "odd")
+    layer: tuple[int, int] = (13, 29)
+
+    @property
+    def specs(self) -> list[Model]:
+        return [m for m in MODELS if m.name in self.models]
 
     def __str__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "rank")

@@ -56,7 +56,7 @@ def test_adapt_replaces_exactly_the_targets(case: Case, model_spec: Model) -> No
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_forward_dtypes(case: Case, dtype: torch.dtype) -> None:
-    spec = MODELS[0]
+    spec = case.specs[0]
     model = loraplex.adapt(spec.make().to(dtype), case.method, **case.options)
     perturb(model)
     y = model(spec.input(dtype=dtype))
@@ -103,10 +103,10 @@ def test_training_moves_adapters_and_never_the_base(case: Case, model_spec: Mode
 
 def test_gradients_match_the_dense_reference(case: Case) -> None:
     torch.manual_seed(0)
-    a = METHODS[case.method](nn.Linear(13, 29), **case.options).double().eval()
+    a = METHODS[case.method](nn.Linear(*case.layer), **case.options).double().eval()
     perturb(nn.Sequential(a))
-    x = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(6, 29, dtype=torch.float64)
+    x = torch.randn(6, case.layer[0], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, case.layer[1], dtype=torch.float64)
     own = [p for _, p in a.own_parameters()]
     got = torch.autograd.grad((a(x) * g).sum(), [x, *own])
     W = a.weight
@@ -144,9 +144,9 @@ def test_disabled_is_the_base_and_switches_back(case: Case, model_spec: Model) -
 
 def test_delta_weight_explains_the_output(case: Case) -> None:
     torch.manual_seed(0)
-    a = METHODS[case.method](nn.Linear(13, 29), **case.options).eval()
+    a = METHODS[case.method](nn.Linear(*case.layer), **case.options).eval()
     perturb(nn.Sequential(a))
-    x = torch.randn(6, 13)
+    x = torch.randn(6, case.layer[0])
     torch.testing.assert_close(a.base(x) + x @ a.delta_weight().T, a(x), **tol(case))
 
 
@@ -166,7 +166,7 @@ def test_merge_equals_unmerged(case: Case, model_spec: Model, tmp_path) -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_merge_refuses_non_finite(case: Case, bad: float) -> None:
-    spec = MODELS[0]
+    spec = case.specs[0]
     _, model = adapted(spec, case)
     found = loraplex.adapters(model)
     _, a = found[-1]
@@ -194,14 +194,15 @@ def test_unload_gives_back_the_base(case: Case, model_spec: Model) -> None:
 
 
 def test_save_writes_only_safetensors_and_json(case: Case, tmp_path) -> None:
-    _, model = adapted(MODELS[0], case)
+    spec = case.specs[0]
+    _, model = adapted(spec, case)
     loraplex.save(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.json", "adapter.safetensors"]
-    spec = json.loads((tmp_path / "adapter.json").read_text())
-    assert spec["adapters"][0]["method"] == case.method
+    written = json.loads((tmp_path / "adapter.json").read_text())
+    assert written["adapters"][0]["method"] == case.method
     with safe_open(tmp_path / "adapter.safetensors", "pt") as f:
         keys = list(f.keys())
-    base_keys = set(MODELS[0].make().state_dict())
+    base_keys = set(spec.make().state_dict())
     assert keys and all(k.startswith(("adapter.", "train.")) for k in keys)
     assert not any(k.split(".", 2)[-1] in base_keys for k in keys if k.startswith("adapter."))
 
@@ -236,25 +237,27 @@ def _assert_untouched(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def test_load_rejects_mismatches_and_leaves_the_model(case: Case, tmp_path) -> None:
-    _, model = adapted(MODELS[0], case)
+    spec = case.specs[0]
+    _, model = adapted(spec, case)
     loraplex.save(model, tmp_path)
-    other = MODELS[2].make()  # different layer names
+    first, a = loraplex.adapters(model)[0]
+    other = next(m for m in MODELS if m.name != spec.name).make()  # other layer names
     state = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="fc1"):
+    with pytest.raises(ValueError, match=first):
         loraplex.load(other, tmp_path)
     _assert_untouched(other, state)
 
-    wide = MODELS[0].make()
-    wide.fc2 = nn.Linear(20, 18 + 1)  # same names, other shapes
+    wide = spec.make()  # same names, one layer twice as wide
+    wide.set_submodule(first, nn.Linear(a.in_features, 2 * a.out_features))
     state = {k: v.clone() for k, v in wide.state_dict().items()}
-    with pytest.raises(ValueError, match=r"fc2.*shape"):
+    with pytest.raises(ValueError, match=rf"{first}.*shape"):
         loraplex.load(wide, tmp_path)
     _assert_untouched(wide, state)
 
-    spec = json.loads((tmp_path / "adapter.json").read_text())
-    spec["adapters"][0]["method"] = "no-such-method"
-    (tmp_path / "adapter.json").write_text(json.dumps(spec))
-    fresh = MODELS[0].make()
+    spec_json = json.loads((tmp_path / "adapter.json").read_text())
+    spec_json["adapters"][0]["method"] = "no-such-method"
+    (tmp_path / "adapter.json").write_text(json.dumps(spec_json))
+    fresh = spec.make()
     state = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ValueError, match="no-such-method"):
         loraplex.load(fresh, tmp_path)
