@@ -181,6 +181,7 @@ class Adapter(nn.Module):
     # layer in its checkpoints (the first one marks the adapted layers).
     peft_type: ClassVar[str | None] = None
     peft_keys: ClassVar[tuple[str, ...]] = ()
+    peft_patterns: ClassVar[dict[str, str]] = {}  # config key -> PEFT's per-layer pattern field
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """This layer's PEFT config values and tensors (by ``peft_keys``).

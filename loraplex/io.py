@@ -4,7 +4,8 @@ A checkpoint directory holds ``adapter.safetensors`` (every adapter's own parame
 and the full state of the modules named in ``train``) and ``adapter.json``::
 
     {"format": "loraplex.adapter", "format_version": 1, "loraplex_version": "0.1.0",
-     "adapters": [{"name": "default", "method": "lora", "options": {...}, "layers": [...]}],
+     "adapters": [{"name": "default", "method": "lora", "options": {...}, "layers": [...],
+                   "sizes": [[in_features, out_features], ...]}],
      "train": ["classifier"]}
 
 Nothing is ever unpickled: JSON is parsed with ``json`` and tensors read with safetensors.
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from loraplex._version import __version__
-from loraplex.adapter import Adapter, restoring
+from loraplex.adapter import Adapter, linear_sizes, restoring
 from loraplex.adapters import METHODS
 from loraplex.inject import adapters, add_trained, bind_options, build, layers, trained_modules
 
@@ -37,7 +38,7 @@ FORMAT_VERSION = 1
 SPEC_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
 SPEC_KEYS = {"format", "format_version", "loraplex_version", "adapters", "train"}
-ENTRY_KEYS = {"name", "method", "options", "layers"}
+ENTRY_KEYS = {"name", "method", "options", "layers", "sizes"}
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -98,8 +99,11 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
     first: dict[tuple[str, str, str], int] = {}
     for layer, a in adapters(model):
         key = (a.name, a.method, json.dumps(a.options, sort_keys=True))
-        entry = groups.setdefault(key, {"name": a.name, "method": a.method, "options": a.options, "layers": []})
+        entry = groups.setdefault(
+            key, {"name": a.name, "method": a.method, "options": a.options, "layers": [], "sizes": []}
+        )
         entry["layers"].append(layer)
+        entry["sizes"].append([a.in_features, a.out_features])
         first[key] = min(first.get(key, a.serial), a.serial)
     ordered = sorted(groups, key=first.__getitem__)  # creation order keeps stacks in the same order
     return {
@@ -180,6 +184,10 @@ def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(entry.get("name", "default"), str):
             raise ValueError(f"{path}: name must be a string, not {entry.get('name')!r}")
         _str_list(entry.get("layers"), f"{path}: layers")
+        sizes = entry.get("sizes")
+        ok = isinstance(sizes, list) and len(sizes) == len(entry["layers"])
+        if sizes is not None and not (ok and all(isinstance(s, list) and len(s) == 2 for s in sizes)):
+            raise ValueError(f"{path}: sizes must list [in_features, out_features] for each layer, not {sizes!r}")
     _str_list(spec.get("train", []), f"{path}: train")
     return spec
 
@@ -213,12 +221,19 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
         for entry in spec["adapters"]:
             name, method = entry.get("name", "default"), entry["method"]
             options = bind_options(method, entry.get("options", {}))
-            for layer in entry["layers"]:
+            sizes = entry.get("sizes") or [None] * len(entry["layers"])
+            for layer, size in zip(entry["layers"], sizes, strict=True):
                 if layer not in current:
                     some = ", ".join(list(current)[:8])
                     raise ValueError(
                         f"{d}: the spec adapts layer {layer!r}, which the model lacks or which is not a "
                         f"linear layer; the model's linear layers include: {some}"
+                    )
+                if size is not None and list(linear_sizes(current[layer])) != size:
+                    n_in, n_out = linear_sizes(current[layer])
+                    raise ValueError(
+                        f"{d}: layer {layer!r} has shape (in={n_in}, out={n_out}) in the model but "
+                        f"(in={size[0]}, out={size[1]}) in the checkpoint"
                     )
                 if name in {a.name for a in Adapter.stack(current[layer])}:
                     raise ValueError(f"layer {layer!r} already has an adapter named {name!r}")

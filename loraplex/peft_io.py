@@ -29,8 +29,6 @@ from loraplex.io import read_json, read_tensors, write_json, write_tensors
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# PEFT's per-layer overrides: option -> pattern field.
-PATTERNS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern", "block_size": "block_size_pattern"}
 # PEFT config entries whose non-default values change the forward in ways loraplex does not model.
 UNSUPPORTED = {
     "lora_bias": False,
@@ -45,7 +43,7 @@ UNSUPPORTED = {
 }
 
 
-def _merge_configs(per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _merge_configs(per_layer: dict[str, dict[str, Any]], patterns: dict[str, str]) -> dict[str, Any]:
     """One PEFT config from per-layer values: common values, else the most common plus a pattern."""
     config: dict[str, Any] = {}
     for key in next(iter(per_layer.values())):
@@ -53,12 +51,12 @@ def _merge_configs(per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
         common = Counter(map(repr, values.values())).most_common(1)[0][0]
         config[key] = next(v for v in values.values() if repr(v) == common)
         odd = {re.escape(n): v for n, v in values.items() if repr(v) != common}
-        if odd and key not in PATTERNS:
+        if odd and key not in patterns:
             raise ValueError(
                 f"PEFT needs one {key} for all layers; this model's layers use {sorted(map(repr, values.values()))}"
             )
-        if key in PATTERNS:
-            config[PATTERNS[key]] = odd
+        if key in patterns:
+            config[patterns[key]] = odd
     return config
 
 
@@ -91,7 +89,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str], name: str |
         "modules_to_save": train or None,
         "bias": "none",
         "inference_mode": True,
-        **_merge_configs(per_layer),
+        **_merge_configs(per_layer, chosen[0][1].peft_patterns),
     }
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -100,10 +98,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str], name: str |
     return d
 
 
-def _layer_config(config: dict[str, Any], layer: str) -> dict[str, Any]:
+def _layer_config(config: dict[str, Any], layer: str, patterns: dict[str, str]) -> dict[str, Any]:
     """PEFT's config as it applies to ``layer``: pattern entries override (PEFT's get_pattern_key)."""
     out = dict(config)
-    for key, field in PATTERNS.items():
+    for key, field in patterns.items():
         for pattern, value in (config.get(field) or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", layer):
                 out[key] = value
@@ -151,7 +149,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str], name: str =
                 raise ValueError(f"{d}: the checkpoint adapts layer {layer!r}, which the model lacks")
             mine = {k: tensors[f"{layer}.{k}"] for k in cls.peft_keys if f"{layer}.{k}" in tensors}
             try:
-                options = bind_options(method, cls.peft_options(_layer_config(config, layer), mine))
+                options = bind_options(method, cls.peft_options(_layer_config(config, layer, cls.peft_patterns), mine))
                 adapter = build(method, found[layer], options, name, layer)
                 adapter.load_peft(mine)
             except ValueError as e:

@@ -105,7 +105,7 @@ class Case:
         return [m for m in MODELS if m.name in self.models]
 
     def __str__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "rank")
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         return self.method + (f"[{opts}]" if opts else "")
 
 
@@ -116,6 +116,12 @@ CASES = [
     Case("lora", {"rank": 4, "alpha": 8, "init": "olora"}, stackable=False),
     Case("dora", {"rank": 4, "alpha": 8}),
     Case("dora", {"rank": 2, "alpha": 2, "rslora": True, "dropout": 0.1}),
+    Case("miss", {"rank": 4}),
+    Case("miss", {"rank": 3, "variant": "mini", "mini_r": 1, "dropout": 0.1}),  # 29 is prime: mini_r=1 fits all
+    Case("miss", {"rank": 5, "init": "kaiming"}, identity=False),
+    Case("bone", {"rank": 1}),  # the only rank dividing 13 and 29
+    Case("bone", {"rank": 2}, models=("mlp", "block"), layer=(12, 20)),
+    Case("bone", {"rank": 4}, models=("block",), layer=(16, 40)),
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.

@@ -149,6 +149,7 @@ class LoRA(Adapter):
 
     peft_type = "LORA"
     peft_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
+    peft_patterns: ClassVar[dict[str, str]] = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """PiSSA / OLoRA export as PEFT converts them (``path_initial_model_for_weight_conversion``):

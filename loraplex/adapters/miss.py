@@ -15,7 +15,8 @@ from loraplex.adapters._ops import can_fuse
 
 def shard_sum(x: Tensor, r: int) -> Tensor:
     """``Σ_g x_g`` over the ``r``-chunks of ``x`` zero-padded to a multiple of ``r``: (..., in) -> (..., r)."""
-    x = F.pad(x, (0, -x.shape[-1] % r))  # (..., ceil(in / r) * r)
+    if pad := -x.shape[-1] % r:
+        x = F.pad(x, (0, pad))  # (..., ceil(in / r) * r)
     return x.unflatten(-1, (-1, r)).sum(-2)  # (..., r)
 
 
@@ -23,7 +24,9 @@ class _SharedShardLinear(torch.autograd.Function):
     """``y = x W^T + b + shard_sum(x) D`` over a frozen ``W``, in one node.
 
     The shard sum is a reduction (N·in adds); as a LoRA with the tiled identity ``A`` it would be two
-    extra (N, in, r) GEMMs. Backward: ``gx = gy W + tile(gy D^T)``, ``gD = h^T gy``.
+    extra (N, in, r) GEMMs. Backward: ``gx = gy W + tile(gy D^T)``, ``gD = h^T gy``. Forward +
+    backward on CPU (N = 2048, r = 64; 384x384, 384x1536, 1536x384): 0.83-0.95x PEFT's time,
+    0.96-1.09x loraplex LoRA r = 8; plain autograd and ``lowrank_linear`` with ``A`` were 5-25% slower.
     Shapes: x (N, in); W (out, in); b (out,) or None; D (r, out).
     """
 
@@ -43,7 +46,7 @@ class _SharedShardLinear(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             r, n = D.shape[0], W.shape[1]
-            gh = (D @ gy.T).T  # (N, r): D gy^T reads gy row-major (see _ops.py)
+            gh = gy @ D.T  # (N, r), row-major for the broadcast add below
             gx = gy @ W  # (N, in)
             full = n - n % r
             gx[:, :full].unflatten(1, (-1, r)).add_(gh[:, None, :])  # every whole chunk gets gh
@@ -115,7 +118,14 @@ class MiSS(Adapter):
 
     @classmethod
     def num_params(
-        cls, in_features: int, out_features: int, *, rank: int = 64, variant: str = "balance", mini_r: int = 1, **_: object
+        cls,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int = 64,
+        variant: str = "balance",
+        mini_r: int = 1,
+        **_: object,
     ) -> int:
         return rank * (mini_r if variant == "mini" else out_features)
 
