@@ -2,6 +2,7 @@
 
 from loraplex.adapter import Adapter
 from loraplex.adapters.bone import Bone
+from loraplex.adapters.c3a import C3A
 from loraplex.adapters.dora import DoRA
 from loraplex.adapters.gralora import GraLoRA
 from loraplex.adapters.lora import LoRA
@@ -11,8 +12,9 @@ METHODS: dict[str, type[Adapter]] = {
     "lora": LoRA,
     "dora": DoRA,
     "gralora": GraLoRA,
+    "c3a": C3A,
     "miss": MiSS,
     "bone": Bone,
 }
 
-__all__ = ["METHODS", "Bone", "DoRA", "GraLoRA", "LoRA", "MiSS"]
+__all__ = ["METHODS", "Bone", "C3A", "DoRA", "GraLoRA", "LoRA", "MiSS"]
