@@ -24,7 +24,7 @@ test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py --markdown benchmarks/results/speed.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

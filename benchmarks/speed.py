@@ -11,9 +11,9 @@ requires grad, so backward runs through every frozen layer, with only the head t
 A step is forward, backward, ``AdamW.step()`` and ``zero_grad(set_to_none=True)``, in ``eval()``
 mode (dropout off). Timing is interleaved: after a warm-up, each repeat runs every setup for
 ``--steps`` steps, rotating the order; the table gives the median over repeats. Memory:
-``saved MiB`` is what autograd keeps for backward during one forward (distinct storages, counted
-with ``saved_tensors_hooks``: the activation memory a method adds); on CUDA ``peak MiB`` is
-``max_memory_allocated`` during a step above what was resident before it.
+``saved MiB`` is what autograd keeps for backward during one forward (distinct
+storages counted with ``saved_tensors_hooks``, the model's own parameters excluded: the activation
+memory a method adds); on CUDA ``peak MiB`` is ``max_memory_allocated`` during a step above what was resident before it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --methods lora,dora --seq-len 16
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --methods gralora,c3a,miss,bone --seq-len 64 \\
@@ -128,12 +128,13 @@ def batch_of(args: argparse.Namespace, device: torch.device) -> dict[str, Tensor
 
 
 def saved_mib(model: nn.Module, batch: dict[str, Tensor]) -> float:
-    """MiB of distinct storages autograd saves for backward during one forward."""
+    """MiB of distinct storages autograd saves for backward during one forward, parameters excluded."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        if t.device.type != "meta":
-            storage = t.untyped_storage()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
