@@ -6,6 +6,7 @@ import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,3 +157,15 @@ def perturb(model: nn.Module, seed: int = 3, scale: float = 0.2) -> None:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def import_from_peft(theirs: nn.Module, base: nn.Module, path: Path) -> nn.Module:
+    """Move a PEFT model's trainable parameters off their init, save it, import it into a copy of ``base``."""
+    import loraplex
+
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(path)
+    return loraplex.import_peft(copy.deepcopy(base), path)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from matrix import MODELS, perturb
+from matrix import MODELS, import_from_peft, perturb
 from torch import nn
 
 import loraplex
@@ -96,12 +96,7 @@ def test_import_reads_peft_checkpoints(kind: str, tmp_path) -> None:
     spec = MODELS[1]
     base = spec.make()
     _, theirs = pair(kind, base, targets=["query", "value", "up"])
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path)
-    ours = loraplex.import_peft(copy.deepcopy(base), tmp_path)
+    ours = import_from_peft(theirs, base, tmp_path)
     x = spec.input()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert {n for n, _ in loraplex.adapters(ours)} == {"query", "value", "up"}
@@ -115,12 +110,7 @@ def test_import_rank_and_alpha_patterns(tmp_path) -> None:
         r=4, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"value": 2}, alpha_pattern={"value": 3}
     )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = loraplex.import_peft(copy.deepcopy(base), tmp_path / "peft")
+    ours = import_from_peft(theirs, base, tmp_path / "peft")
     x = spec.input()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert ours.value.rank == 2 and ours.value.scale == 1.5
