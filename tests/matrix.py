@@ -129,6 +129,8 @@ CASES = [
     Case("bone", {"rank": 1}),  # the only rank dividing 13 and 29
     Case("bone", {"rank": 2}, models=("mlp", "block"), layer=(12, 20)),
     Case("bone", {"rank": 4}, models=("block",), layer=(16, 40)),
+    Case("loldu", {"rank": 4, "alpha": 2.0}),
+    Case("loldu", {"rank": 12, "init": "normal"}, identity=False),  # rank = min(in, out) of fc1
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.

@@ -5,6 +5,7 @@ from loraplex.adapters.bone import Bone
 from loraplex.adapters.c3a import C3A
 from loraplex.adapters.dora import DoRA
 from loraplex.adapters.gralora import GraLoRA
+from loraplex.adapters.loldu import LoLDU
 from loraplex.adapters.lora import LoRA
 from loraplex.adapters.miss import MiSS
 
@@ -15,6 +16,7 @@ METHODS: dict[str, type[Adapter]] = {
     "c3a": C3A,
     "miss": MiSS,
     "bone": Bone,
+    "loldu": LoLDU,
 }
 
-__all__ = ["METHODS", "Bone", "C3A", "DoRA", "GraLoRA", "LoRA", "MiSS"]
+__all__ = ["METHODS", "Bone", "C3A", "DoRA", "GraLoRA", "LoLDU", "LoRA", "MiSS"]
