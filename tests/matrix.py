@@ -171,3 +171,13 @@ def import_from_peft(theirs: nn.Module, base: nn.Module, path: Path) -> nn.Modul
                 p.add_(0.1 * torch.randn_like(p))
     theirs.save_pretrained(path)
     return loraplex.import_peft(copy.deepcopy(base), path)
+
+
+def export_to_peft(ours: nn.Module, base: nn.Module, path: Path) -> nn.Module:
+    """``loraplex.export_peft`` then ``peft.PeftModel.from_pretrained`` on a copy of ``base``."""
+    import peft
+
+    import loraplex
+
+    loraplex.export_peft(ours, path)
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), path)

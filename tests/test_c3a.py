@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from matrix import MODELS, import_from_peft, perturb
+from matrix import MODELS, export_to_peft, import_from_peft, perturb
 from torch import nn
 
 import loraplex
@@ -125,8 +125,7 @@ def test_export_loads_in_peft(tmp_path) -> None:
     perturb(ours)
     with torch.no_grad():
         ours.classifier.weight.add_(0.5)
-    loraplex.export_peft(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs = export_to_peft(ours, base, tmp_path)
     x = spec.input()
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
     assert theirs.peft_config["default"].block_size_pattern in ({"fc2": 2}, {"fc1": 4})
@@ -149,8 +148,7 @@ def test_import_reads_peft_checkpoints_with_a_block_size_pattern(tmp_path, init,
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert (ours.query.block_size, ours.up.block_size, ours.up.init) == (8, 4, ours_init)
     assert all(p.requires_grad for p in ours.classifier.parameters())
-    loraplex.export_peft(ours, tmp_path / "back")
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
+    again = export_to_peft(ours, base, tmp_path / "back")
     torch.testing.assert_close(again(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from matrix import MODELS, import_from_peft, perturb
+from matrix import MODELS, export_to_peft, import_from_peft, perturb
 from torch import nn
 
 import loraplex
@@ -85,8 +85,7 @@ def test_export_loads_in_peft(kind: str, tmp_path) -> None:
     perturb(ours)
     with torch.no_grad():
         ours.classifier.weight.add_(0.5)
-    loraplex.export_peft(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs = export_to_peft(ours, base, tmp_path)
     x = spec.input()
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
 
@@ -114,8 +113,7 @@ def test_import_rank_and_alpha_patterns(tmp_path) -> None:
     x = spec.input()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert ours.value.rank == 2 and ours.value.scale == 1.5
-    loraplex.export_peft(ours, tmp_path / "back")
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
+    again = export_to_peft(ours, base, tmp_path / "back")
     torch.testing.assert_close(again(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
