@@ -106,6 +106,9 @@ class Adapter(nn.Module):
     """
 
     method: ClassVar[str]  # registry name
+    # False for adapters whose effect is not a weight update (the serial bottleneck adapter):
+    # they have no delta_weight() and merge refuses them.
+    weight_update: ClassVar[bool] = True
     paper: ClassVar[str]  # URL of the paper
     formula: ClassVar[str]  # trainable parameters, in words; num_params computes it
     default_lr: ClassVar[float]  # AdamW learning rate used when the user gives none
@@ -210,6 +213,9 @@ class Adapter(nn.Module):
                 shape = None if got is None else tuple(got.shape)
                 raise ValueError(f"PEFT tensor {key!r} has shape {shape}, expected {tuple(mine.shape)}")
             mine.copy_(got)
+
+    def advance(self, steps: int) -> None:
+        """Called after every optimizer step (``loraplex.advance``); schedules such as SingLoRA's ramp use it."""
 
     def on_load(self) -> None:
         """Called once after a checkpoint's tensors were loaded into this adapter."""

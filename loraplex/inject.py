@@ -208,6 +208,13 @@ def merge(model: nn.Module) -> nn.Module:
     """
     merged: dict[str, torch.Tensor] = {}
     stacks = {n: layer for n, layer in layers(model).items() if isinstance(layer, Adapter)}
+    for n, top in stacks.items():
+        for a in Adapter.stack(top):
+            if not a.weight_update:
+                raise ValueError(
+                    f"layer {n!r} carries a {a.method!r} adapter, which is not a weight update and cannot be "
+                    "merged; model left unchanged (loraplex.unload removes it)"
+                )
     with torch.no_grad():
         for n, top in stacks.items():
             W = weight_of(root_layer(top))
@@ -246,6 +253,27 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for a, was in zip(found, before, strict=True):
             a.active = was
+
+
+def advance(model: nn.Module, steps: int = 1) -> None:
+    """Tell every adapter that ``steps`` optimizer steps were taken (SingLoRA's ramp counts them).
+
+    Call it once per optimizer step, not per forward or per micro-batch, or let
+    ``track_steps(model, optimizer)`` call it for you.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    for _, a in adapters(model):
+        a.advance(steps)
+
+
+def track_steps(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """Advance ``model``'s adapters after every ``optimizer.step()``; returns the hook's removable handle.
+
+    Gradient accumulation then counts one step per optimizer update, however many micro-batches
+    fed it.
+    """
+    return optimizer.register_step_post_hook(lambda *_: advance(model))
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from loraplex.adapters import METHODS
 from loraplex.data import Split, load_splits
-from loraplex.inject import Targets, adapt, count_trainable
+from loraplex.inject import Targets, adapt, advance, count_trainable
 from loraplex.io import save, write_json
 
 
@@ -146,6 +146,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
             loss.backward()
             opt.step()
+            advance(model)  # one optimizer step (SingLoRA's ramp counts these)
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())

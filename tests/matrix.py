@@ -91,7 +91,10 @@ class Case:
 
     ``identity``: the paper says the adapted model equals the base at init; ``stackable``: two
     adapters of this case may sit on one layer; ``models``: the matrix models whose layer sizes the
-    options fit (block sizes must divide them); ``layer``: (in, out) of the single-layer checks.
+    options fit (block sizes must divide them); ``layer``: (in, out) of the single-layer checks;
+    ``targets``: the layers adapted in the model checks (square-only methods pick square ones);
+    ``weight_update``: the method's effect is a ΔW (False for the serial bottleneck adapter, where
+    the properties built on ``delta_weight`` do not apply and merge must refuse).
     """
 
     method: str
@@ -100,6 +103,8 @@ class Case:
     stackable: bool = True
     models: tuple[str, ...] = ("mlp", "block", "odd")
     layer: tuple[int, int] = (13, 29)
+    targets: str | tuple[str, ...] = "all-linear"
+    weight_update: bool = True
 
     @property
     def specs(self) -> list[Model]:

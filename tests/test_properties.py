@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 def adapted(spec: Model, case: Case, seed: int = 0, **kw) -> tuple[nn.Module, nn.Module]:
     """(base, adapted copy) with every linear but the head adapted."""
     base = spec.make(seed)
-    model = loraplex.adapt(clone(base), case.method, train=["classifier"], **case.options, **kw)
+    model = loraplex.adapt(clone(base), case.method, targets=case.targets, train=["classifier"], **case.options, **kw)
     return base, model
 
 
@@ -31,6 +31,7 @@ def train_steps(model: nn.Module, spec: Model, n: int = 3) -> None:
     for i in range(n):
         model(spec.input(seed=10 + i)).square().mean().backward()
         opt.step()
+        loraplex.advance(model)
         opt.zero_grad(set_to_none=True)
 
 
@@ -43,8 +44,7 @@ def test_every_method_has_a_case() -> None:
 
 def test_adapt_replaces_exactly_the_targets(case: Case, model_spec: Model) -> None:
     base = model_spec.make()
-    linears = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "classifier"]
-    targets = linears[:1] if len(linears) > 1 else linears
+    targets = loraplex.inject.resolve(base, case.targets)[:1]
     model = loraplex.adapt(clone(base), case.method, targets=targets, **case.options)
     got = {n for n, m in model.named_modules() if isinstance(m, Adapter)}
     assert got == set(targets)
@@ -57,7 +57,7 @@ def test_adapt_replaces_exactly_the_targets(case: Case, model_spec: Model) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_forward_dtypes(case: Case, dtype: torch.dtype) -> None:
     spec = case.specs[0]
-    model = loraplex.adapt(spec.make().to(dtype), case.method, **case.options)
+    model = loraplex.adapt(spec.make().to(dtype), case.method, targets=case.targets, **case.options)
     perturb(model)
     y = model(spec.input(dtype=dtype))
     assert y.dtype == dtype and torch.isfinite(y).all()
@@ -101,7 +101,13 @@ def test_training_moves_adapters_and_never_the_base(case: Case, model_spec: Mode
             assert torch.equal(p, before[n]), f"frozen {n} changed"
 
 
+def needs_weight_update(case: Case) -> None:
+    if not case.weight_update:
+        pytest.skip(f"{case} is not a weight update: no delta_weight (its own test file has a dense reference)")
+
+
 def test_gradients_match_the_dense_reference(case: Case) -> None:
+    needs_weight_update(case)
     torch.manual_seed(0)
     a = METHODS[case.method](nn.Linear(*case.layer), **case.options).double().eval()
     perturb(nn.Sequential(a))
@@ -143,6 +149,7 @@ def test_disabled_is_the_base_and_switches_back(case: Case, model_spec: Model) -
 
 
 def test_delta_weight_explains_the_output(case: Case) -> None:
+    needs_weight_update(case)
     torch.manual_seed(0)
     a = METHODS[case.method](nn.Linear(*case.layer), **case.options).eval()
     perturb(nn.Sequential(a))
@@ -155,6 +162,13 @@ def test_merge_equals_unmerged(case: Case, model_spec: Model, tmp_path) -> None:
     perturb(model)
     x = model_spec.input()
     y = model(x)
+    if not case.weight_update:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="not a weight update"):
+            loraplex.merge(model)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        return
     loraplex.merge(model)
     assert not any(isinstance(m, Adapter) for m in model.modules())
     torch.testing.assert_close(model(x), y, **tol(case))
@@ -166,6 +180,7 @@ def test_merge_equals_unmerged(case: Case, model_spec: Model, tmp_path) -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_merge_refuses_non_finite(case: Case, bad: float) -> None:
+    needs_weight_update(case)  # merge refuses those anyway (test_merge_equals_unmerged)
     spec = case.specs[0]
     _, model = adapted(spec, case)
     found = loraplex.adapters(model)
@@ -266,12 +281,12 @@ def test_load_rejects_mismatches_and_leaves_the_model(case: Case, tmp_path) -> N
 
 def test_two_adapters_on_one_layer_add_up(case: Case, model_spec: Model) -> None:
     first = Case("lora", {"rank": 2}) if case.method == "dora" or not case.stackable else case
-    model = loraplex.adapt(model_spec.make(), first.method, name="a", **first.options)
+    model = loraplex.adapt(model_spec.make(), first.method, targets=case.targets, name="a", **first.options)
     if not case.stackable:
         with pytest.raises(ValueError, match="stack"):
-            loraplex.adapt(model, case.method, name="b", **case.options)
+            loraplex.adapt(model, case.method, targets=case.targets, name="b", **case.options)
         return
-    loraplex.adapt(model, case.method, name="b", **case.options)
+    loraplex.adapt(model, case.method, targets=case.targets, name="b", **case.options)
     perturb(model)
     for top in loraplex.inject.layers(model).values():
         if not isinstance(top, Adapter):
