@@ -112,6 +112,7 @@ class Adapter(nn.Module):
     paper: ClassVar[str]  # URL of the paper
     formula: ClassVar[str]  # trainable parameters, in words; num_params computes it
     default_lr: ClassVar[float]  # AdamW learning rate used when the user gives none
+    size_option: ClassVar[str | None] = None  # the option that sets the parameter count (compare's budget)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

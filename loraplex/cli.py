@@ -11,6 +11,7 @@ from typing import Any
 
 from loraplex._version import __version__
 from loraplex.adapters import METHODS
+from loraplex.train import ALLOCATORS, OPTIMIZERS
 
 
 def _value(text: str) -> Any:
@@ -45,6 +46,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(text: str) -> Any:
+    return [t for t in text.split(",") if t] if "," in text else text
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from loraplex.train import FinetuneConfig, finetune
 
@@ -52,24 +57,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for key in ("rank", "alpha"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    targets: Any = args.targets
-    if "," in targets:
-        targets = [t for t in targets.split(",") if t]
     cfg = FinetuneConfig(
         model=args.model,
         data=args.data,
         test_data=args.test_data,
         method=args.method,
         options=options,
-        targets=targets,
+        targets=_targets(args.targets),
         train=[t for t in args.train.split(",") if t],
+        optimizer=args.optimizer,
+        allocator=args.allocator,
         epochs=args.epochs,
         lr=args.lr,
         head_lr=args.head_lr,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         out=args.out,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        checkpoint_every=args.checkpoint_every,
+        fsdp=args.fsdp,
+        progress=not args.no_progress,
     )
     try:
         finetune(cfg)
@@ -77,6 +88,40 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"loraplex finetune: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from loraplex.compare import CompareConfig, compare
+
+    cfg = CompareConfig(
+        methods=[m for m in args.methods.split(",") if m] if args.methods else list(METHODS),
+        budget=args.budget,
+        budget_like=args.budget_like,
+        model=args.model,
+        data=args.data,
+        test_data=args.test_data,
+        targets=_targets(args.targets),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seeds=args.seeds,
+        out=args.out,
+    )
+    try:
+        compare(cfg)
+    except ValueError as e:
+        print(f"loraplex compare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local HuggingFace model directory (default: the embedded MiniLM-L6)")
+    p.add_argument("--data", help="CSV or JSONL with text (or text_a, text_b), label[, split] (default: embedded)")
+    p.add_argument("--test-data", help="separate test file (default: rows with split == test)")
+    p.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun processes)")
+    p.add_argument("--max-length", type=int, default=64)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,23 +133,38 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     f = sub.add_parser("finetune", help="fine-tune a local HuggingFace model for text classification")
-    f.add_argument("--model", help="local HuggingFace model directory (default: the embedded MiniLM-L6)")
-    f.add_argument("--data", help="CSV or JSONL with text,label[,split] (default: the embedded Debian sections)")
-    f.add_argument("--test-data", help="separate test file (default: rows with split == test)")
+    _data_args(f)
     f.add_argument("--method", default="lora", choices=sorted(METHODS))
     f.add_argument("--rank", type=int)
     f.add_argument("--alpha", type=float)
     f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
-    f.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")
     f.add_argument("--train", default="classifier", help="comma-separated modules trained in full")
+    f.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    f.add_argument("--allocator", default="none", choices=["none", *sorted(ALLOCATORS)])
     f.add_argument("--epochs", type=float, default=3.0)
-    f.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    f.add_argument("--lr", type=float, help="learning rate (default: the method's, from its paper)")
     f.add_argument("--head-lr", type=float, help="learning rate of the --train modules (default: --lr)")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--max-length", type=int, default=64)
+    f.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
+    f.add_argument("--weight-decay", type=float, default=0.0)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    f.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    f.add_argument("--stop-after", type=int, help="leave after N steps of this invocation, with a checkpoint")
+    f.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: one per epoch)")
+    f.add_argument("--fsdp", action="store_true", help="FullyShardedDataParallel (under torchrun)")
+    f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     f.set_defaults(func=cmd_finetune)
+
+    c = sub.add_parser("compare", help="several methods on one model and data set at a matched parameter budget")
+    _data_args(c)
+    c.add_argument("--methods", help="comma-separated (default: every method)")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--budget", help="adapter parameters per method, e.g. 300k or 1.2M")
+    budget.add_argument("--budget-like", help="the adapter parameters of METHOD:SIZE, e.g. lora:8")
+    c.add_argument("--epochs", type=float, default=1.0)
+    c.add_argument("--seeds", type=int, default=1, help="runs per method (mean and spread reported)")
+    c.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    c.set_defaults(func=cmd_compare)
     return p
 
 

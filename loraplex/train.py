@@ -1,23 +1,35 @@
-"""Fine-tune a local HuggingFace model for text classification with any registered adapter."""
+"""Fine-tune a local HuggingFace model for text classification with any registered adapter.
+
+One loop for one CPU, one GPU or many processes (``torchrun``: DistributedDataParallel, or
+FullyShardedDataParallel with ``fsdp``). Every step's batch is a pure function of
+``(seed, epoch, step in epoch)``, so a run resumed from a checkpoint sees the same batches, and
+the saved random state makes dropout continue where it stopped: ``--resume`` gives the weights of
+the uninterrupted run (tested).
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import random
+import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from loraplex.adapters import METHODS
+from loraplex.checkpoint import load_checkpoint, save_checkpoint
 from loraplex.data import Split, load_splits
 from loraplex.inject import Targets, adapt, advance, count_trainable
-from loraplex.io import save, write_json
+from loraplex.io import load, save, tensors_of, write_json
+
+CHECKPOINT = "checkpoint"
 
 
 def default_model_path() -> Path:
@@ -31,7 +43,12 @@ def default_model_path() -> Path:
 
 @dataclass
 class FinetuneConfig:
-    """Everything a run depends on; saved next to its results."""
+    """Everything a run depends on; saved next to its results.
+
+    ``batch_size`` is the global batch: with N processes each takes ``batch_size / N`` rows.
+    ``stop_after``: leave after this many steps of this invocation, with a checkpoint (resume later
+    with ``resume=True``); ``checkpoint_every``: steps between checkpoints (default: once per epoch).
+    """
 
     model: str | None = None
     data: str | None = None
@@ -40,6 +57,8 @@ class FinetuneConfig:
     options: dict[str, Any] = field(default_factory=dict)
     targets: Targets = "all-linear"
     train: list[str] = field(default_factory=lambda: ["classifier"])
+    optimizer: str = "adamw"
+    allocator: str = "none"
     epochs: float = 3.0
     lr: float | None = None
     head_lr: float | None = None
@@ -50,6 +69,42 @@ class FinetuneConfig:
     seed: int = 0
     out: str | None = None
     log_every: int = 20
+    resume: bool = False
+    stop_after: int | None = None
+    checkpoint_every: int | None = None
+    fsdp: bool = False
+    progress: bool = True
+
+
+class Allocator(Protocol):
+    """A rank allocator hooked into the loop (the rank-allocation methods implement it)."""
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        """Called after each optimizer step; True when it changed parameter shapes (optimizer rebuilt)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+OptimizerFactory = Callable[[nn.Module, list[dict[str, Any]], "FinetuneConfig"], torch.optim.Optimizer]
+AllocatorFactory = Callable[[nn.Module, "FinetuneConfig", int], Allocator]
+
+
+def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where torch has one for these tensors (4x faster step on CPU)."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, **kw)
+
+
+# Extension points: ``--optimizer`` and ``--allocator`` choose from these (later issues register more).
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "adamw": lambda model, groups, cfg: make_adamw(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay),
+}
+ALLOCATORS: dict[str, AllocatorFactory] = {}
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
@@ -62,18 +117,52 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
     return float(np.mean(scores))
 
 
-def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel where torch has one for these tensors (4x faster step on CPU)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, **kw)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass
+class World:
+    """This process's place among ``torchrun``'s processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def start(self, device: torch.device) -> None:
+        if self.size > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+    def in_sync(self, model: nn.Module) -> bool:
+        """Whether every process holds bit-identical adapter (and head) tensors (all-reduced max == min)."""
+        if self.size == 1:
+            return True
+        flat = torch.cat([v.detach().float().flatten() for v in tensors_of(model).values()])
+        high, low = flat.clone(), flat.clone()
+        torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
+        return torch.equal(high, low)
 
 
 def _encode(tokenizer: Any, split: Split, max_length: int) -> list[dict[str, list[int]]]:
@@ -84,91 +173,201 @@ def _encode(tokenizer: Any, split: Split, max_length: int) -> list[dict[str, lis
     return [{k: enc[k][i] for k in enc} for i in range(len(a))]
 
 
-def _batches(tokenizer: Any, rows: list[dict[str, list[int]]], labels: list[int], order: list[int], size: int):
-    for i in range(0, len(order), size):
-        idx = order[i : i + size]
-        batch = tokenizer.pad([rows[j] for j in idx], return_tensors="pt")
-        batch["labels"] = torch.tensor([labels[j] for j in idx])
-        yield batch
+def _collate(tokenizer: Any, rows: list[dict[str, list[int]]], labels: list[int], idx: list[int], device) -> dict:
+    batch = tokenizer.pad([rows[j] for j in idx], return_tensors="pt")
+    batch["labels"] = torch.tensor([labels[j] for j in idx])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_indices(seed: int, epoch: int, k: int, n: int, size: int, world: World) -> list[int]:
+    """This process's rows of step ``k`` of ``epoch``: a pure function, so resumed runs see the same data."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)[k * size : (k + 1) * size].tolist()
+    return order[world.rank :: world.size]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer: Any, rows: list, labels: list[int], n_classes: int, size: int) -> dict:
+def evaluate(
+    model: nn.Module, tokenizer: Any, rows: list, labels: list[int], n_classes: int, size: int, device
+) -> dict:
     model.eval()
     preds = []
-    for batch in _batches(tokenizer, rows, labels, list(range(len(rows))), size):
+    for i in range(0, len(rows), size):
+        batch = _collate(tokenizer, rows, labels, list(range(i, min(i + size, len(rows)))), device)
         batch.pop("labels")
-        preds.append(model(**batch).logits.argmax(-1))
+        preds.append(model(**batch).logits.argmax(-1).cpu())
     pred, gold = torch.cat(preds).numpy(), np.array(labels)
     return {"accuracy": float(np.mean(pred == gold)), "macro_f1": macro_f1(pred, gold, n_classes)}
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024
+
+
+def _progress(total: int, start: int, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, disable=not enabled or None, unit="step", dynamic_ncols=True)
+
+
+def _wrap(model: nn.Module, world: World, device: torch.device, fsdp: bool) -> nn.Module:
+    if world.size == 1 and not fsdp:
+        return model
+    if fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as e:  # pragma: no cover - torch < 2.6
+            raise ValueError("fsdp=True needs torch.distributed.fsdp.fully_shard (torch >= 2.6)") from e
+        if world.size == 1:
+            raise ValueError("fsdp=True needs several processes: run under torchrun --nproc-per-node N")
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _schedule(warm: int, total: int) -> Callable[[int], float]:
+    def factor(s: int) -> float:
+        return (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
+
+    return factor
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"method={cfg.method!r} is not one of: {', '.join(METHODS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
+    if cfg.allocator != "none" and cfg.allocator not in ALLOCATORS:
+        raise ValueError(f"allocator={cfg.allocator!r} is not one of: {', '.join(['none', *ALLOCATORS])}")
+    if not cfg.epochs > 0:
+        raise ValueError(f"epochs={cfg.epochs!r} must be > 0")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size!r} must be >= 1")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise ValueError(f"stop_after={cfg.stop_after!r} must be >= 1")
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train an adapter, evaluate on the test split, save adapter + ``metrics.json`` to ``cfg.out``."""
+    """Train an adapter, evaluate on the test split, save adapter + ``metrics.json`` to ``cfg.out``.
+
+    Returns the metrics (``{"stopped_at": step}`` only, when ``stop_after`` ended the run early).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if cfg.method not in METHODS:
-        raise ValueError(f"method={cfg.method!r} is not one of: {', '.join(METHODS)}")
+    check_config(cfg)
+    world = World.from_env()
+    device = world.device()
+    if world.size > 1 and cfg.batch_size % world.size:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world.size} processes")
+    world.start(device)
+    out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{cfg.method}"))
+    ckpt = out / CHECKPOINT
+    if cfg.resume and not (ckpt / "state.json").is_file():
+        raise ValueError(f"resume=True but {ckpt} holds no checkpoint")
     seed_everything(cfg.seed)
     train, test, names = load_splits(cfg.data, cfg.test_data)
     model_dir = str(cfg.model or default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(names))
-    adapt(model, cfg.method, targets=cfg.targets, train=cfg.train, **cfg.options)
+    if cfg.resume:
+        load(model, ckpt)  # the same adapters and head, as saved (no re-init)
+    else:
+        adapt(model, cfg.method, targets=cfg.targets, train=cfg.train, **cfg.options)
+    model.to(device)
     lr = cfg.lr if cfg.lr is not None else METHODS[cfg.method].default_lr
     head = {id(p) for t in cfg.train for p in model.get_submodule(t).parameters()} if cfg.head_lr else set()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in head], "lr": lr}]
     if head:
         groups.append({"params": [p for p in params if id(p) in head], "lr": cfg.head_lr})
-    opt = make_adamw(groups, lr=lr, weight_decay=cfg.weight_decay)
     rows_train = _encode(tokenizer, train, cfg.max_length)
     rows_test = _encode(tokenizer, test, cfg.max_length)
     steps_per_epoch = math.ceil(len(rows_train) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
-    warm = int(cfg.warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, start, losses = 0, time.perf_counter(), []
-    print(f"{cfg.method} {cfg.options}: {count_trainable(model):,} trainable parameters, {total} steps, lr {lr:g}")
-    while step < total:
-        order = torch.randperm(len(rows_train), generator=gen).tolist()
-        model.train()
-        for batch in _batches(tokenizer, rows_train, train.labels, order, cfg.batch_size):
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
-            loss.backward()
-            opt.step()
-            advance(model)  # one optimizer step (SingLoRA's ramp counts these)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                recent = sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :])
-                print(f"  step {step}/{total}  loss {recent:.4f}  {time.perf_counter() - start:.0f}s", flush=True)
-            if step >= total:
-                break
-    train_seconds = time.perf_counter() - start
-    metrics = evaluate(model, tokenizer, rows_test, test.labels, len(names), cfg.batch_size * 2)
+    trainable = count_trainable(model)
+    wrapped = _wrap(model, world, device, cfg.fsdp)
+    opt = OPTIMIZERS[cfg.optimizer](model, groups, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(int(cfg.warmup * total), total))
+    allocator = ALLOCATORS[cfg.allocator](model, cfg, total) if cfg.allocator != "none" else None
+    start_step = load_checkpoint(ckpt, opt, sched, allocator) if cfg.resume else 0
+    if world.main:
+        what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
+        print(what + (f", resumed at step {start_step}" if start_step else ""), flush=True)
+    every = cfg.checkpoint_every or steps_per_epoch
+    bar = _progress(total, start_step, cfg.progress and world.main)
+    losses: list[float] = []
+    step, clock = start_step, time.perf_counter()
+    for step in range(start_step, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        wrapped.train()
+        idx = batch_indices(cfg.seed, epoch, k, len(rows_train), cfg.batch_size, world)
+        loss = wrapped(**_collate(tokenizer, rows_train, train.labels, idx, device)).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
+        loss.backward()
+        opt.step()
+        advance(model)  # one optimizer step (SingLoRA's ramp counts these)
+        if allocator is not None:
+            allocator.step(model, opt, step)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if world.main and (bar is None or bar.disable) and (done % cfg.log_every == 0 or done == total):
+            recent = losses[-cfg.log_every :]
+            print(f"  step {done}/{total}  loss {sum(recent) / len(recent):.4f}", flush=True)
+        stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after and done < total
+        if world.main and (done % every == 0 or stopping):
+            save_checkpoint(ckpt, model, opt, sched, done, allocator)
+        if stopping:
+            world.barrier()
+            if bar is not None:
+                bar.close()
+            return {"stopped_at": done}
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - clock
+    in_sync = world.in_sync(model)
+    if not in_sync:
+        raise RuntimeError("the processes ended with different adapter weights")
+    steps_run = max(1, total - start_step)
+    metrics = evaluate(model, tokenizer, rows_test, test.labels, len(names), cfg.batch_size * 2, device)
     metrics.update(
-        trainable_params=count_trainable(model),
+        trainable_params=trainable,
         steps=total,
         train_seconds=round(train_seconds, 2),
-        ms_per_step=round(1000 * train_seconds / total, 1),
-        final_loss=sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
+        ms_per_step=round(1000 * train_seconds / steps_run, 1),
+        peak_memory_mib=round(peak_memory_mib(device), 1),
+        peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+        final_loss=sum(losses[-cfg.log_every :]) / max(1, len(losses[-cfg.log_every :])),
+        processes=world.size,
+        ranks_in_sync=in_sync,
         labels=names,
         config=asdict(cfg),
     )
-    out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{cfg.method}"))
-    save(model, out)
-    write_json(out / "metrics.json", metrics)
-    print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {out})")
+    if world.main:
+        save(model, out)
+        save_checkpoint(ckpt, model, opt, sched, total, allocator)
+        write_json(out / "metrics.json", metrics)
+        print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {out})")
+    world.barrier()
     return metrics
+
+
+__all__ = ["ALLOCATORS", "OPTIMIZERS", "FinetuneConfig", "World", "finetune"]

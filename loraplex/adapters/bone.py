@@ -101,6 +101,7 @@ class Bone(Adapter):
     # JL-er/RWKV-PEFT scripts/run_bone.sh uses 2e-5 (RWKV-6 1.6B). A step of T moves ΔW_ij by ~lr (1 + sqrt(r)|W|),
     # more than LoRA's ~0.17 lr at its 1e-3 default (r = 8, in = 384), hence 2e-4, as MiSS.
     default_lr = 2e-4
+    size_option = "rank"
 
     def __init__(self, base: nn.Module, *, rank: int = 64) -> None:
         super().__init__(base)

@@ -73,7 +73,7 @@ class BoRA(LoRA):
     paper = "https://arxiv.org/abs/2412.06441"
     formula = "rank * (in + out) + in + out"
     default_lr = 1e-3  # DoRA's (and LoRA's): the paper builds on DoRA's setup
-    peft_type = None  # PEFT has no BoRA; LoRA's codec must not claim it
+    peft_type = None  # type: ignore[assignment]  # PEFT has no BoRA; LoRA's codec must not claim it
 
     def __init__(
         self,

@@ -68,6 +68,7 @@ class C3A(Adapter):
     # PEFT's C3A docs: a learning rate about 100x LoRA's (around 1e-1); the paper's GLUE runs use
     # 5e-2..3e-1 with AdamW.
     default_lr = 1e-1
+    size_option = "block_size"
 
     def __init__(self, base: nn.Module, *, block_size: int = 256, init: str = "xavier") -> None:
         super().__init__(base)

@@ -133,6 +133,7 @@ class GraLoRA(Adapter):
     # Unmeasured here. PEFT's MetaMathQA benchmark trains GraLoRA (r = 32, alpha = 64) with AdamW at 2e-4,
     # twice its LoRA runs' 1e-4; the paper uses Lion at 2e-4. Defaults give LoRA's scale (alpha / r = 2).
     default_lr = 1e-3
+    size_option = "rank"
 
     def __init__(
         self, base: nn.Module, *, rank: int = 32, alpha: float = 64.0, k: int = 2, hybrid_rank: int = 0,

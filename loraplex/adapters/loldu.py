@@ -73,6 +73,7 @@ class LoLDU(Adapter):
     paper = "https://arxiv.org/abs/2410.13618"
     formula = "rank"
     default_lr = 1e-2  # r values per layer move W0 only through σ = alpha / rank; LoRA's 1e-3 barely moves them
+    size_option = "rank"
 
     def __init__(self, base: nn.Module, *, rank: int = 8, alpha: float = 1.0, init: str = "lu") -> None:
         super().__init__(base)

@@ -74,6 +74,7 @@ class LoRA(Adapter):
     paper = "https://arxiv.org/abs/2106.09685"
     formula = "rank * (in + out)"
     default_lr = 1e-3  # the paper's GLUE runs use 2e-4..5e-4 for RoBERTa; 1e-3 is PEFT's common choice
+    size_option = "rank"
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ class MiSS(Adapter):
     # its LoRA runs); the MiSS README uses 2e-5 (LLaMA-2-7B). An Adam step moves every ΔW entry by ~lr here
     # but by ~0.17 lr for LoRA (r = 8, alpha = 16, in = 384), so LoRA's 1e-3 maps to ~2e-4.
     default_lr = 2e-4
+    size_option = "rank"
 
     def __init__(
         self,

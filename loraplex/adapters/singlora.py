@@ -72,6 +72,7 @@ class SingLoRA(Adapter):
     paper = "https://arxiv.org/abs/2507.05566"
     formula = "rank * max(in, out)"
     default_lr = 1e-3  # LoRA's: the paper compares at LoRA's learning rates
+    size_option = "rank"
 
     def __init__(
         self,

