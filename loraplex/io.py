@@ -126,8 +126,11 @@ def tensors_of(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save(model: nn.Module, directory: str | os.PathLike[str], tensors: dict[str, Tensor] | None = None) -> Path:
     """Save the model's adapters (and ``train`` modules) to ``directory``; returns its path.
+
+    ``tensors``: ``tensors_of(model)`` computed by the caller (FSDP gathers shards on every
+    process first, then one process saves).
 
     Example:
         >>> import loraplex, tempfile
@@ -141,7 +144,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         raise ValueError("the model has no adapter and no trained module to save")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    write_tensors(d / TENSOR_FILE, tensors_of(model))
+    write_tensors(d / TENSOR_FILE, tensors_of(model) if tensors is None else tensors)
     write_json(d / SPEC_FILE, spec)
     return d
 

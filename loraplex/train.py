@@ -102,7 +102,9 @@ def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer
 
 # Extension points: ``--optimizer`` and ``--allocator`` choose from these (later issues register more).
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adamw": lambda model, groups, cfg: make_adamw(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay),
+    "adamw": lambda model, groups, cfg: (torch.optim.AdamW if cfg.fsdp else make_adamw)(
+        groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay
+    ),
 }
 ALLOCATORS: dict[str, AllocatorFactory] = {}
 
@@ -154,11 +156,11 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
-    def in_sync(self, model: nn.Module) -> bool:
+    def in_sync(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether every process holds bit-identical adapter (and head) tensors (all-reduced max == min)."""
         if self.size == 1:
             return True
-        flat = torch.cat([v.detach().float().flatten() for v in tensors_of(model).values()])
+        flat = torch.cat([v.detach().float().flatten() for v in tensors.values()])
         high, low = flat.clone(), flat.clone()
         torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
@@ -208,6 +210,11 @@ def peak_memory_mib(device: torch.device) -> float:
     return kib / 1024
 
 
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FSDP's sharded ``DTensor``s gathered whole (a collective: every process must call it)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in tensors.items()}
+
+
 def _progress(total: int, start: int, enabled: bool) -> Any:
     try:
         from tqdm import tqdm
@@ -254,6 +261,9 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"batch_size={cfg.batch_size!r} must be >= 1")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ValueError(f"stop_after={cfg.stop_after!r} must be >= 1")
+    if cfg.fsdp and (cfg.resume or cfg.stop_after or cfg.checkpoint_every):
+        # FSDP's optimizer state is sharded per process; one process writing it all is not implemented
+        raise ValueError("fsdp=True does not checkpoint mid-run: drop resume / stop_after / checkpoint_every")
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -287,18 +297,18 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         adapt(model, cfg.method, targets=cfg.targets, train=cfg.train, **cfg.options)
     model.to(device)
+    rows_train = _encode(tokenizer, train, cfg.max_length)
+    rows_test = _encode(tokenizer, test, cfg.max_length)
+    steps_per_epoch = math.ceil(len(rows_train) / cfg.batch_size)
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    trainable = count_trainable(model)
+    wrapped = _wrap(model, world, device, cfg.fsdp)  # FSDP replaces parameters: build the optimizer after
     lr = cfg.lr if cfg.lr is not None else METHODS[cfg.method].default_lr
     head = {id(p) for t in cfg.train for p in model.get_submodule(t).parameters()} if cfg.head_lr else set()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in head], "lr": lr}]
     if head:
         groups.append({"params": [p for p in params if id(p) in head], "lr": cfg.head_lr})
-    rows_train = _encode(tokenizer, train, cfg.max_length)
-    rows_test = _encode(tokenizer, test, cfg.max_length)
-    steps_per_epoch = math.ceil(len(rows_train) / cfg.batch_size)
-    total = max(1, round(cfg.epochs * steps_per_epoch))
-    trainable = count_trainable(model)
-    wrapped = _wrap(model, world, device, cfg.fsdp)
     opt = OPTIMIZERS[cfg.optimizer](model, groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(int(cfg.warmup * total), total))
     allocator = ALLOCATORS[cfg.allocator](model, cfg, total) if cfg.allocator != "none" else None
@@ -333,7 +343,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             recent = losses[-cfg.log_every :]
             print(f"  step {done}/{total}  loss {sum(recent) / len(recent):.4f}", flush=True)
         stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after and done < total
-        if world.main and (done % every == 0 or stopping):
+        if world.main and not cfg.fsdp and (done % every == 0 or stopping):
             save_checkpoint(ckpt, model, opt, sched, done, allocator)
         if stopping:
             world.barrier()
@@ -343,7 +353,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - clock
-    in_sync = world.in_sync(model)
+    tensors = full_tensors(tensors_of(model))  # FSDP: gathered on every process; else as they are
+    in_sync = world.in_sync(tensors)
     if not in_sync:
         raise RuntimeError("the processes ended with different adapter weights")
     steps_run = max(1, total - start_step)
@@ -362,8 +373,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         config=asdict(cfg),
     )
     if world.main:
-        save(model, out)
-        save_checkpoint(ckpt, model, opt, sched, total, allocator)
+        save(model, out, tensors)
+        if not cfg.fsdp:
+            save_checkpoint(ckpt, model, opt, sched, total, allocator)
         write_json(out / "metrics.json", metrics)
         print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {out})")
     world.barrier()

@@ -138,17 +138,29 @@ def test_compare_writes_results_table_and_plot(small: Path, tmp_path, capsys) ->
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(small: Path, tmp_path) -> None:
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
-    cmd += ["-m", "loraplex", *finetune_args(small, out, "--method", "lora")]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_cpu_processes(mode: str, small: Path, tmp_path) -> None:
+    out = tmp_path / mode
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port
+    cmd += ["-m", "loraplex", *finetune_args(small, out, "--method", "lora", *(["--fsdp"] if mode == "fsdp" else []))]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["ranks_in_sync"] is True and metrics["steps"] == 3
     assert result.stdout.count("test accuracy") == 1  # only rank 0 reports and writes
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.json", "adapter.safetensors", "checkpoint", "metrics.json"]
+    files = ["adapter.json", "adapter.safetensors", "metrics.json"] + (["checkpoint"] if mode == "ddp" else [])
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    fresh = loraplex.load(
+        type_of_minilm()(loraplex.train.default_model_path()), out
+    )  # the saved adapter loads whole (FSDP: gathered from both shards)
+    assert all(not hasattr(p, "full_tensor") for p in fresh.parameters())
+
+
+def type_of_minilm():
+    from transformers import AutoModelForSequenceClassification
+
+    return lambda path: AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=14)
 
 
 # transformers.Trainer ----------------------------------------------------------------------------
