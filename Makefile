@@ -1,4 +1,4 @@
-# The two entry points: `make demo` (fine-tune MiniLM on the embedded data) and `make test`.
+# The two entry points: `make demo` (compare methods on MiniLM and the embedded data) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/loraplex finetune --method lora --rank 8 --alpha 16 --epochs 1 --out runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/loraplex compare --methods lora,dora,c3a,miss,singlora --budget-like lora:8 \
+		--epochs 1 --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
