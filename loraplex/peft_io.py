@@ -87,7 +87,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str], name: str |
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "target_modules": [n for n, _ in chosen],
         "modules_to_save": train or None,
-        "bias": "none",
         "inference_mode": True,
         **_merge_configs(per_layer, chosen[0][1].peft_patterns),
     }
@@ -137,10 +136,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str], name: str =
     if bad := [k for k in raw if not k.startswith(PREFIX)]:
         raise ValueError(f"{d / WEIGHTS_FILE}: key {bad[0]!r} does not start with {PREFIX!r}")
     tensors = {k[len(PREFIX) :]: v for k, v in raw.items()}
-    mark = "." + cls.peft_keys[0]
-    targets = sorted(k[: -len(mark)] for k in tensors if k.endswith(mark))
+    marks = ["." + k for k in cls.peft_keys]  # any of them marks a layer (LoKr may lack lokr_w1 or lokr_w1_a)
+    targets = sorted({k[: -len(m)] for k in tensors for m in marks if k.endswith(m)})
     if not targets:
-        raise ValueError(f"{d / WEIGHTS_FILE} holds no {cls.peft_keys[0]!r} tensors")
+        raise ValueError(f"{d / WEIGHTS_FILE} holds none of the {cls.method} tensors {list(cls.peft_keys)}")
     found = layers(model)
     plan: list[tuple[str, Adapter]] = []
     with restoring():

@@ -1,0 +1,278 @@
+"""LoKr (LyCORIS): the Kronecker product of a small and a (low-rank) large factor, as PEFT's ``LoKrConfig``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from loraplex.adapter import Adapter, check_choice, check_int, is_restoring
+from loraplex.adapters._kron import kron_linear
+from loraplex.adapters.loha import check_alpha, check_probability, lycoris_dropout
+
+INITS = ("zeros", "kaiming", "lycoris")
+# Our init names -> PEFT's LoKrConfig.init_weights.
+PEFT_INITS: dict[str, bool | str] = {"zeros": True, "kaiming": False, "lycoris": "lycoris"}
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension`` into ``(m, n)`` with ``m · n = dimension``, as PEFT's / LyCORIS' ``factorization``.
+
+    A positive ``factor`` that divides ``dimension`` gives ``(factor, dimension / factor)``.
+    Otherwise ``m`` grows through the divisors of ``dimension`` while ``m < n`` and ``m <= factor``
+    (``factor = -1``: no limit), ending near the square root; the result has ``m <= n``.
+
+    Example:
+        >>> factorization(256), factorization(128), factorization(127), factorization(128, 4)
+        ((16, 16), (8, 16), (1, 127), (4, 32))
+        >>> factorization(384), factorization(1536), factorization(12, 6)
+        ((16, 24), (32, 48), (6, 2))
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n  # never updated: PEFT's loop only stops on a too-large m
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+@dataclass(frozen=True)
+class KronShapes:
+    """LoKr's factor sizes: ``out = out_l · out_k``, ``in = in_m · in_n``; w1 (out_l, in_m), w2 (out_k, in_n).
+
+    ``full_w1`` / ``full_w2``: the factor is a plain matrix, else the product of (rows, r) and
+    (r, cols) factors. As PEFT: ``w2`` is factored when ``rank < max(out_k, in_n) / 2``, ``w1``
+    only with ``decompose_both`` and ``rank < max(out_l, in_m) / 2``.
+    """
+
+    out_l: int
+    out_k: int
+    in_m: int
+    in_n: int
+    full_w1: bool
+    full_w2: bool
+
+    @classmethod
+    def of(cls, d_in: int, d_out: int, rank: int, decompose_both: bool, decompose_factor: int) -> KronShapes:
+        in_m, in_n = factorization(d_in, decompose_factor)
+        out_l, out_k = factorization(d_out, decompose_factor)
+        full_w1 = not (decompose_both and rank < max(out_l, in_m) / 2)
+        full_w2 = not rank < max(out_k, in_n) / 2
+        return cls(out_l, out_k, in_m, in_n, full_w1, full_w2)
+
+    def num_params(self, rank: int) -> int:
+        w1 = self.out_l * self.in_m if self.full_w1 else rank * (self.out_l + self.in_m)
+        w2 = self.out_k * self.in_n if self.full_w2 else rank * (self.out_k + self.in_n)
+        return w1 + w2
+
+
+def check_decompose_factor(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+        raise ValueError(f"decompose_factor={value!r} must be -1 (near the square root) or an integer >= 1")
+    return value
+
+
+class LoKr(Adapter):
+    """LoKr: low-rank Kronecker product (https://arxiv.org/abs/2309.14859, LyCORIS), as HuggingFace PEFT.
+
+    ``y = W0 x + b + s · kron(w1, w2) x``, ``s = alpha / rank``; ``delta_weight() = s · kron(w1, w2)``.
+    ``out = out_l · out_k`` and ``in = in_m · in_n`` split by ``factorization(·, decompose_factor)``
+    (near the square root by default: 384 = 16 · 24, 1536 = 32 · 48); ``w1`` (out_l, in_m) is the
+    small factor, ``w2`` (out_k, in_n) the large one. ``w2 = w2_a w2_b`` (rank r) when
+    ``rank < max(out_k, in_n) / 2``, else a plain matrix; ``w1 = w1_a w1_b`` likewise only with
+    ``decompose_both`` (see ``KronShapes``). So ``rank`` may only set the scale, e.g. for
+    384x384 any ``rank >= 12`` gives full 16x16 and 24x24 factors.
+
+    The forward never builds the (out, in) product: ``kron_linear`` applies ``w1`` and ``w2`` to
+    ``x`` reshaped to (in_m, in_n) (PEFT builds ΔW every step).
+
+    Inits (PEFT's ``init_weights``): ``"zeros"`` (``True``, the default: ``w1 = 0`` (or
+    ``w1_a = 0``), everything else ``kaiming_uniform(a=sqrt(5))``: the base model at init),
+    ``"lycoris"`` (``w2 = 0`` (or ``w2_b = 0``), the rest kaiming: the base model at init, as
+    LyCORIS), ``"kaiming"`` (``False``: all kaiming; not the base model).
+
+    Dropouts, as PEFT, in training mode only (``loha.lycoris_dropout``): ``module_dropout`` skips the
+    adapter for a forward; ``rank_dropout`` zeroes output rows of ΔW, divided by the kept fraction
+    only with ``rank_dropout_scale`` (PEFT's default False). Defaults are PEFT's ``LoKrConfig``:
+    ``rank=8``, ``alpha=8``, ``decompose_both=False``, ``decompose_factor=-1``, no dropout.
+    PEFT's convolution options (``use_effective_conv2d``, ``lokr_t2``) do not apply to linears.
+
+    Shapes: x (..., in) -> (..., out); w1 (out_l, in_m) or w1_a (out_l, r), w1_b (r, in_m);
+    w2 (out_k, in_n) or w2_a (out_k, r), w2_b (r, in_n); all fp32.
+
+    Args:
+        base: the layer to adapt.
+        rank: rank of the factored Kronecker factors; ``s = alpha / rank`` either way.
+        alpha: scale numerator.
+        rank_dropout: probability of dropping an output row of ΔW in training.
+        module_dropout: probability of skipping the adapter in a training forward.
+        rank_dropout_scale: divide the rank-dropout mask by its mean.
+        decompose_both: also factor ``w1`` (when ``rank < max(out_l, in_m) / 2``).
+        decompose_factor: ``-1`` or the preferred size of the small factor (see ``factorization``).
+        init: ``"zeros"``, ``"lycoris"`` or ``"kaiming"``.
+
+    Example:
+        >>> layer = LoKr(nn.Linear(384, 384))
+        >>> layer.w1.shape, layer.w2_a.shape, layer.w2_b.shape
+        (torch.Size([16, 16]), torch.Size([24, 8]), torch.Size([8, 24]))
+        >>> layer(torch.randn(2, 384)).shape, LoKr.num_params(384, 384)
+        (torch.Size([2, 384]), 640)
+    """
+
+    w1: nn.Parameter | None
+    w1_a: nn.Parameter | None
+    w1_b: nn.Parameter | None
+    w2: nn.Parameter | None
+    w2_a: nn.Parameter | None
+    w2_b: nn.Parameter | None
+    method = "lokr"
+    paper = "https://arxiv.org/abs/2309.14859"
+    formula = "w1: out_l * in_m (or rank * (out_l + in_m)) + w2: out_k * in_n (or rank * (out_k + in_n))"
+    # Unmeasured. At init an Adam step of size lr moves ΔW entries by about 0.07·lr (384x384:
+    # w1 moves, times |w2| ~ 0.07) against ~0.17·lr for LoRA r = 8, alpha = 16, so LoRA's 1e-3
+    # maps to ~2.5e-3; LyCORIS advises LoKr learning rates above LoRA's.
+    default_lr = 3e-3
+    size_option = "rank"  # sets the count while a factor is factored (rank < max(rows, cols) / 2)
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 8.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
+        decompose_both: bool = False,
+        decompose_factor: int = -1,
+        init: str = "zeros",
+    ) -> None:
+        super().__init__(base)
+        self.rank = check_int("rank", rank)
+        self.alpha = check_alpha(alpha)
+        self.rank_dropout = check_probability("rank_dropout", rank_dropout)
+        self.module_dropout = check_probability("module_dropout", module_dropout)
+        for name, flag in (("rank_dropout_scale", rank_dropout_scale), ("decompose_both", decompose_both)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False")
+        self.rank_dropout_scale, self.decompose_both = rank_dropout_scale, decompose_both
+        self.decompose_factor = check_decompose_factor(decompose_factor)
+        self.init = check_choice("init", init, INITS)
+        self.scale = self.alpha / rank
+        self.shapes = sh = KronShapes.of(self.in_features, self.out_features, rank, decompose_both, decompose_factor)
+        self._factor("w1", sh.out_l, sh.in_m, sh.full_w1)
+        self._factor("w2", sh.out_k, sh.in_n, sh.full_w2)
+        if not is_restoring():
+            self.reset_parameters()
+
+    def _factor(self, name: str, rows: int, cols: int, full: bool) -> None:
+        """Register ``name`` (rows, cols), or ``name_a`` (rows, r) and ``name_b`` (r, cols); fp32, zero."""
+
+        def new(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(shape, device=self.param_device))
+
+        self.register_parameter(name, new(rows, cols) if full else None)
+        self.register_parameter(f"{name}_a", None if full else new(rows, self.rank))
+        self.register_parameter(f"{name}_b", None if full else new(self.rank, cols))
+
+    @classmethod
+    def num_params(
+        cls,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int = 8,
+        decompose_both: bool = False,
+        decompose_factor: int = -1,
+        **_: object,
+    ) -> int:
+        return KronShapes.of(in_features, out_features, rank, decompose_both, decompose_factor).num_params(rank)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for _, p in self.own_parameters():
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        if self.init == "zeros":  # PEFT's reset_adapter_parameters
+            nn.init.zeros_(self.w1 if self.w1 is not None else self.w1_a)  # type: ignore[arg-type]
+        elif self.init == "lycoris":  # PEFT's reset_adapter_parameters_lycoris_way
+            nn.init.zeros_(self.w2 if self.w2 is not None else self.w2_b)  # type: ignore[arg-type]
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(w1, w2)`` as matrices: (out_l, in_m), (out_k, in_n)."""
+        w1 = self.w1 if self.w1 is not None else self.w1_a @ self.w1_b  # type: ignore[operator]
+        w2 = self.w2 if self.w2 is not None else self.w2_a @ self.w2_b  # type: ignore[operator]
+        return w1, w2
+
+    peft_type = "LOKR"
+    # The first key marks adapted layers in PEFT checkpoints: ``lokr_w1`` is there unless
+    # ``decompose_both`` factors w1 (see the report on peft_io's single marker key).
+    peft_keys: ClassVar[tuple[str, ...]] = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    peft_patterns: ClassVar[dict[str, str]] = {"r": "rank_pattern", "alpha": "alpha_pattern"}
+
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        if self.transposed:
+            raise ValueError("PEFT's LoKr adapts nn.Linear only, not transformers' Conv1D")
+        config = {
+            "r": self.rank,
+            "alpha": self.alpha,
+            "rank_dropout": self.rank_dropout,
+            "module_dropout": self.module_dropout,
+            "rank_dropout_scale": self.rank_dropout_scale,
+            "decompose_both": self.decompose_both,
+            "decompose_factor": self.decompose_factor,
+            "init_weights": PEFT_INITS[self.init],
+            "use_effective_conv2d": False,
+        }
+        return config, {f"lokr_{name}": p.detach() for name, p in self.own_parameters()}
+
+    @classmethod
+    def peft_options(cls, config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+        if "lokr_t2" in tensors:
+            raise ValueError("PEFT LoKr tensor lokr_t2 is for convolutions, which loraplex does not adapt")
+        init = config.get("init_weights", True)
+        names = {repr(v): k for k, v in PEFT_INITS.items()}
+        if repr(init) not in names:
+            raise ValueError(f"PEFT init_weights={init!r} is not one of {', '.join(sorted(names))}")
+        return {
+            "rank": int(config.get("r", 8)),
+            "alpha": float(config.get("alpha", 8)),
+            "rank_dropout": float(config.get("rank_dropout", 0.0)),
+            "module_dropout": float(config.get("module_dropout", 0.0)),
+            "rank_dropout_scale": bool(config.get("rank_dropout_scale", False)),
+            "decompose_both": bool(config.get("decompose_both", False)),
+            "decompose_factor": int(config.get("decompose_factor", -1)),
+            "init": names[repr(init)],
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # each adapter's effect is of the layer input x, so stacked ones add up
+        if not self.active:
+            return y
+        mask = None
+        if self.training:
+            keep, mask = lycoris_dropout(
+                self.module_dropout, self.rank_dropout, self.out_features, self.rank_dropout_scale
+            )
+            if not keep:
+                return y
+        w1, w2 = self.factors()
+        effect = kron_linear(x.to(w1.dtype), w1 * self.scale, w2)  # (..., out), the scale on the small factor
+        if mask is not None:
+            effect = effect * mask.to(device=effect.device, dtype=effect.dtype)
+        return y + effect.to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        w1, w2 = self.factors()
+        return self.scale * torch.kron(w1, w2)  # (out, in)
