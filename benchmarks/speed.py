@@ -54,7 +54,8 @@ TARGETS = {
     "square": LAYER + r"(attention\.self\.(query|key|value)|attention\.output\.dense)",
     "outputs": LAYER + r"(attention\.output\.dense|output\.dense)",
 }
-GROUP: dict[str, str] = {}  # method -> target group other than "all"; LoRA on the same group is timed too
+# method -> target group other than "all"; LoRA on the same group is timed too
+GROUP: dict[str, str] = {"circulant": "square", "toeplitz": "square", "ldr": "square", "adapter": "outputs"}
 # Options of each method in this benchmark: LoRA r=8's neighbourhood, or the method's PEFT default.
 OPTIONS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 8, "alpha": 16},
@@ -65,6 +66,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "bone": {"rank": 64},
     "singlora": {"rank": 8, "alpha": 8},
     "bora": {"rank": 8, "alpha": 16},
+    "kronecker": {},  # the automatic factor: 16 for 384 x 384, 24 for 384 <-> 1536
+    "loha": {"rank": 8, "alpha": 8},  # PEFT's defaults
+    "lokr": {},  # PEFT's defaults
+    "lokh": {},
+    "circulant": {},
+    "toeplitz": {},
+    "ldr": {},
+    "adapter": {},  # bottleneck 64
+    "adapter+circulant": {"structure": "circulant"},  # METHOD+VARIANT: the same method with other options
 }
 
 
@@ -107,13 +117,14 @@ def floor(base: nn.Module) -> nn.Module:
 
 
 def group_of(method: str) -> str:
-    return GROUP.get(method, "all")
+    return GROUP.get(method.split("+")[0], "all")
 
 
 @torch.no_grad()
 def ours(base: nn.Module, method: str, group: str) -> nn.Module:
     targets = TARGETS[group]
-    model = loraplex.adapt(copy.deepcopy(base), method, targets=targets, train=["classifier"], **OPTIONS[method])
+    real = method.split("+")[0]
+    model = loraplex.adapt(copy.deepcopy(base), real, targets=targets, train=["classifier"], **OPTIONS[method])
     g = torch.Generator().manual_seed(SEED + 1)
     for _, a in loraplex.adapters(model):  # away from init, so that the equivalence check means something
         for _, p in a.own_parameters():
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    if unknown := [m for m in args.methods if m not in loraplex.METHODS or m not in OPTIONS]:
+    if unknown := [m for m in args.methods if m.split("+")[0] not in loraplex.METHODS or m not in OPTIONS]:
         p.error(f"unknown or unconfigured methods: {unknown}")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")

@@ -140,6 +140,57 @@ CASES = [
     Case("singlora", {"rank": 3, "ramp_steps": 0, "init": "gaussian", "rslora": True}, identity=False),  # no ramp
     Case("bora", {"rank": 4, "alpha": 8}),
     Case("bora", {"rank": 2, "alpha": 2, "rslora": True, "dropout": 0.1, "init": "gaussian"}),
+    Case("kronecker", {}),  # factor chosen per layer (1 for 13 -> 29: a rank-1 outer product)
+    Case("kronecker", {"factor": 2, "alpha": 2.0, "dropout": 0.1}, models=("mlp", "block"), layer=(12, 20)),
+    Case("kronecker", {"factor": 4}, models=("block",), layer=(16, 40)),
+    Case("loha", {"rank": 4, "alpha": 8}),  # Khatri-Rao path on these sizes
+    Case("loha", {"rank": 8, "rank_dropout": 0.1, "module_dropout": 0.1, "init": "kaiming"}, identity=False),  # dense
+    Case("lokr", {}),  # rank 8: full w1 and w2 on mlp / block, w2 factored on 13 -> 29
+    Case("lokr", {"rank": 1, "alpha": 2, "decompose_both": True, "init": "lycoris", "rank_dropout": 0.1}),
+    Case("lokr", {"rank": 2, "decompose_factor": 2, "init": "kaiming", "module_dropout": 0.1}, identity=False),
+    Case("lokh", {}),
+    Case("lokh", {"rank": 2, "alpha": 1.0, "decompose_factor": 2, "init": "lycoris"}),
+    Case("lokh", {"rank": 3, "init": "random"}, identity=False),
+    # SURM circulant / Toeplitz / LDR LoRA: square layers only (block's 16x16 attention projections).
+    Case("circulant", {}, models=("block",), layer=(16, 16), targets=("query", "key", "value", "out")),
+    Case(
+        "circulant",
+        {"product": False, "alpha": 2.0, "dropout": 0.1},
+        models=("block",),
+        layer=(16, 16),
+        targets=("query", "key", "value", "out"),
+    ),
+    Case("toeplitz", {}, models=("block",), layer=(16, 16), targets=("query", "key", "value", "out")),
+    Case("toeplitz", {"alpha": 0.5, "dropout": 0.1}, models=("block",), layer=(16, 16), targets=("query", "value")),
+    Case("ldr", {}, models=("block",), layer=(16, 16), targets=("query", "key", "value", "out")),
+    Case(
+        "ldr",
+        {"displacement_rank": 3, "alpha": 2.0, "dropout": 0.1},
+        models=("block",),
+        layer=(16, 16),
+        targets=("query", "key", "value", "out"),
+    ),
+    # The serial bottleneck adapter acts on each layer's output (out x out), so every layer fits every structure.
+    Case("adapter", {}, stackable=False, weight_update=False),
+    Case("adapter", {"bottleneck": 4, "activation": "relu", "dropout": 0.1}, stackable=False, weight_update=False),
+    Case("adapter", {"structure": "circulant"}, stackable=False, weight_update=False),
+    Case(
+        "adapter",
+        {"structure": "circulant", "product": False, "activation": "silu"},
+        stackable=False,
+        weight_update=False,
+    ),
+    Case("adapter", {"structure": "toeplitz", "activation": "tanh"}, stackable=False, weight_update=False),
+    Case("adapter", {"structure": "toeplitz", "product": False, "dropout": 0.1}, stackable=False, weight_update=False),
+    Case("adapter", {"structure": "kronecker"}, stackable=False, weight_update=False),  # 29 is prime: factor 1
+    Case(
+        "adapter",
+        {"structure": "kronecker", "factor": 2, "activation": "linear"},
+        stackable=False,
+        weight_update=False,
+        models=("mlp", "block"),
+        layer=(12, 20),
+    ),
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.
