@@ -209,7 +209,7 @@ def plot(rows: list[dict[str, Any]], budget: int, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters")
     ax.set_ylabel("test accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
