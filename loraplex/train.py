@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from loraplex.checkpoint import load_checkpoint, save_checkpoint
 from loraplex.data import Split, load_splits
 from loraplex.inject import Targets, adapt, advance, count_trainable
 from loraplex.io import load, save, tensors_of, write_json
+from loraplex.rank import ALLOCATORS
 
 CHECKPOINT = "checkpoint"
 
@@ -76,20 +77,7 @@ class FinetuneConfig:
     progress: bool = True
 
 
-class Allocator(Protocol):
-    """A rank allocator hooked into the loop (the rank-allocation methods implement it)."""
-
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> bool:
-        """Called after each optimizer step; True when it changed parameter shapes (optimizer rebuilt)."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
 OptimizerFactory = Callable[[nn.Module, list[dict[str, Any]], "FinetuneConfig"], torch.optim.Optimizer]
-AllocatorFactory = Callable[[nn.Module, "FinetuneConfig", int], Allocator]
 
 
 def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer:
@@ -106,7 +94,6 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay
     ),
 }
-ALLOCATORS: dict[str, AllocatorFactory] = {}
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
@@ -311,7 +298,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         groups.append({"params": [p for p in params if id(p) in head], "lr": cfg.head_lr})
     opt = OPTIMIZERS[cfg.optimizer](model, groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(int(cfg.warmup * total), total))
-    allocator = ALLOCATORS[cfg.allocator](model, cfg, total) if cfg.allocator != "none" else None
+    allocator = ALLOCATORS[cfg.allocator](model, total) if cfg.allocator != "none" else None
     start_step = load_checkpoint(ckpt, opt, sched, allocator) if cfg.resume else 0
     if world.main:
         what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
@@ -328,10 +315,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
         loss.backward()
+        if allocator is not None:
+            allocator.before_step()  # regulariser gradients (see loraplex.rank.base)
         opt.step()
         advance(model)  # one optimizer step (SingLoRA's ramp counts these)
         if allocator is not None:
-            allocator.step(model, opt, step)
+            allocator.step(opt)
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
