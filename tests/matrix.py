@@ -191,6 +191,9 @@ CASES = [
         models=("mlp", "block"),
         layer=(12, 20),
     ),
+    Case("adalora", {"rank": 4, "alpha": 32}),  # E = 0: the base at init (A, B move from step 2 on)
+    Case("adalora", {"rank": 12, "alpha": 64.0, "dropout": 0.1}),  # rank > min(in, out) of fc1; PEFT's alpha=8 moves
+    # the output by < 1e-4 in 3 steps (A, B ~ N(0, 0.02²), E = 0), too little for the switch-off test
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.

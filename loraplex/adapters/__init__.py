@@ -1,6 +1,7 @@
 """The registry: method name -> adapter class. Only finished methods are listed."""
 
 from loraplex.adapter import Adapter
+from loraplex.adapters.adalora import AdaLoRA
 from loraplex.adapters.bone import Bone
 from loraplex.adapters.bora import BoRA
 from loraplex.adapters.bottleneck import Bottleneck
@@ -37,6 +38,7 @@ METHODS: dict[str, type[Adapter]] = {
     "toeplitz": Toeplitz,
     "ldr": LDR,
     "adapter": Bottleneck,
+    "adalora": AdaLoRA,
 }
 
 __all__ = [
@@ -58,4 +60,5 @@ __all__ = [
     "Toeplitz",
     "LDR",
     "Bottleneck",
+    "AdaLoRA",
 ]

@@ -1,8 +1,11 @@
 """Rank allocation: allocators that watch and resize adapters during training (see ``base.py``)."""
 
+from loraplex.rank.adalora import AdaLoRAAllocator
 from loraplex.rank.base import Allocator
+from loraplex.rank.gora import gora_init
 
 # name -> allocator class; ``loraplex finetune --allocator NAME`` builds ``ALLOCATORS[NAME](model, total_steps)``.
 ALLOCATORS: dict[str, type[Allocator]] = {}
+ALLOCATORS["adalora"] = AdaLoRAAllocator
 
-__all__ = ["ALLOCATORS", "Allocator"]
+__all__ = ["ALLOCATORS", "AdaLoRAAllocator", "Allocator", "gora_init"]

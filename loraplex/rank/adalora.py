@@ -1,0 +1,264 @@
+"""AdaLoRA's rank allocator (Zhang et al., ICLR 2023), as HuggingFace PEFT's ``RankAllocator``.
+
+Pure pieces: ``budget_at`` (the cubic budget schedule), ``smooth`` (sensitivity / uncertainty
+EMAs), ``triplet_scores`` (one score per rank), ``mask_below`` (the global threshold) and
+``orth_penalty`` (the orthogonality regulariser). ``AdaLoRAAllocator`` drives them from the loop
+contract of ``loraplex.rank.base``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from loraplex.adapter import check_int
+from loraplex.adapters.adalora import AdaLoRA
+from loraplex.inject import adapters
+from loraplex.rank.base import Allocator
+
+PARTS = ("A", "E", "B")
+
+
+def budget_at(
+    step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int, total: int, deltaT: int
+) -> tuple[int, bool]:
+    """``(budget, mask now?)`` at 0-based ``step``, PEFT's ``budget_schedule`` to the float.
+
+    ``step <= tinit``: the initial budget, no masking; ``step > total - tfinal``: the target budget;
+    between: ``int((b0 - bT) · (1 - (step - tinit) / (total - tfinal - tinit))³ + bT)``, masking when
+    ``step % deltaT == 0``.
+
+    >>> [budget_at(s, init_budget=24, target_budget=8, tinit=2, tfinal=2, total=10, deltaT=2)[0] for s in range(10)]
+    [24, 24, 24, 17, 12, 10, 8, 8, 8, 8]
+    """
+    if step <= tinit:
+        return init_budget, False
+    if step > total - tfinal:
+        return target_budget, True
+    mul_coeff = 1 - (step - tinit) / (total - tfinal - tinit)
+    return int((init_budget - target_budget) * (mul_coeff**3) + target_budget), step % deltaT == 0
+
+
+def smooth(ipt: Tensor, avg: Tensor, unc: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """One EMA step: sensitivity ``Ī ← β1 Ī + (1-β1) I``, uncertainty ``Ū ← β2 Ū + (1-β2) |I - Ī|`` (new Ī)."""
+    avg = beta1 * avg + (1 - beta1) * ipt
+    return avg, beta2 * unc + (1 - beta2) * (ipt - avg).abs()
+
+
+def triplet_scores(score_A: Tensor, score_E: Tensor, score_B: Tensor) -> Tensor:
+    """Per rank: ``s(E_i) + mean_j s(A_ij) + mean_j s(B_ji)``. Shapes (r, in), (r, 1), (out, r) -> (r,)."""
+    ab = torch.cat([score_A.mean(dim=1, keepdim=True), score_B.mean(dim=0).view(-1, 1)], dim=1)
+    return score_E.view(-1) + ab.sum(dim=1).view(-1)
+
+
+def mask_below(scores: Sequence[Tensor], drop: int) -> list[Tensor]:
+    """Keep masks (True = kept): the ``drop``-th smallest pooled score is the threshold, ``<=`` it is dropped.
+
+    ``drop < 1`` keeps everything (PEFT would fail in ``kthvalue``; the allocator's checks make it unreachable).
+    """
+    if drop < 1:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    threshold = torch.kthvalue(torch.cat(list(scores)), k=drop)[0].item()
+    return [~(s <= threshold) for s in scores]
+
+
+def orth_penalty(matrices: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """``mean over the 2L matrices of ||A Aᵀ - I||_F, ||Bᵀ B - I||_F`` (PEFT's ``regu_loss / num_param``)."""
+    total: Any = 0
+    for A, B in matrices:
+        for cov in (A @ A.T, B.T @ B):
+            eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
+            total = total + torch.norm(cov - eye, p="fro")
+    return total / (2 * len(matrices))
+
+
+class AdaLoRAAllocator(Allocator):
+    """AdaLoRA's allocator (https://arxiv.org/abs/2303.10512): importance-scored masking of E, PEFT's math.
+
+    Per step (0-based ``step`` = optimizer steps before this one, PEFT's ``global_step`` in its
+    examples and under ``Trainer``):
+
+    * ``before_step``: the gradient of ``orth_reg_weight · mean(||AAᵀ - I||_F, ||BᵀB - I||_F)`` is
+      added to ``.grad`` (PEFT adds the same term to ``outputs.loss``).
+    * ``step``, while ``step < total_steps - tfinal``: ``I = |p ⊙ ∇p|`` of every A, E, B entry, the
+      EMAs ``Ī`` (``beta1``) and ``Ū`` (``beta2``), element score ``Ī · Ū``; then at masking steps
+      (``budget_at``) the ranks whose triplet score is at or below the ``(b0 - b(t))``-th smallest
+      over all layers get ``E_i = 0`` in place (their optimizer state and A / B stay; they can
+      regrow until the next masking). At ``step == total_steps - tfinal`` the last mask to the
+      target budget is taken and the EMAs dropped; after it, the same mask is re-applied every step.
+
+    Budgets: ``b0`` = sum of the adapters' ranks, ``bT = target_r · layers``. Defaults are PEFT's
+    ``AdaLoraConfig``: ``target_r = 8``, ``tinit = 0``, ``tfinal = 0``, ``deltaT = 1``,
+    ``beta1 = beta2 = 0.85``, ``orth_reg_weight = 0.5``; PEFT's ``total_step`` is ``total_steps``.
+    Decisions: ``bT < b0`` is required (PEFT crashes in ``kthvalue`` otherwise); with several
+    AdaLoRA adapter names in the model, ``name`` picks one (PEFT trains one adapter at a time);
+    ``ranks()`` counts the ranks the last masking kept (PEFT's ``rank_pattern``), not the nonzero
+    entries of E: E is 0 at init, and masked entries regrow between maskings when ``deltaT > 1``.
+    Trainable A / E / B without a gradient (unused in the forward) count as zero sensitivity.
+
+    Args:
+        model: a model carrying ``adalora`` adapters.
+        total_steps: optimizer steps of the whole run.
+        target_r: the average final rank per layer.
+        tinit, tfinal: steps without masking at the start, steps with a fixed mask at the end.
+        deltaT: steps between two maskings.
+        beta1, beta2: EMA factors of sensitivity and uncertainty, in (0, 1).
+        orth_reg_weight: weight of the orthogonality regulariser (>= 0).
+        name: the adapter name to allocate (None: the only AdaLoRA adapter name).
+
+    Example:
+        >>> import loraplex
+        >>> model = loraplex.adapt(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), "adalora", rank=4)
+        >>> alloc = AdaLoRAAllocator(model, total_steps=10, target_r=2)
+        >>> alloc.ranks()
+        {'0': 4, '1': 4}
+    """
+
+    name = "adalora"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        *,
+        target_r: int = 8,
+        tinit: int = 0,
+        tfinal: int = 0,
+        deltaT: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        orth_reg_weight: float = 0.5,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(model, total_steps)
+        # by method name, not isinstance: doctests import this module a second time (--import-mode=importlib)
+        found = [(n, a) for n, a in adapters(model) if a.method == AdaLoRA.method]
+        names = sorted({a.name for _, a in found})
+        if not found:
+            methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
+            raise ValueError(
+                f"the adalora allocator needs a model with adalora adapters (loraplex.adapt(model, 'adalora')); "
+                f"this model has: {', '.join(methods)}"
+            )
+        if name is None and len(names) > 1:
+            raise ValueError(f"the model has several adalora adapters {names}; pass name=")
+        if name is not None and name not in names:
+            raise ValueError(f"name={name!r} is not one of the model's adalora adapters {names}")
+        chosen = names[0] if name is None else name
+        self.layers: dict[str, AdaLoRA] = {n: cast(AdaLoRA, a) for n, a in found if a.name == chosen}
+        self.target_r = check_int("target_r", target_r)
+        self.tinit, self.tfinal = check_int("tinit", tinit, low=0), check_int("tfinal", tfinal, low=0)
+        self.deltaT = check_int("deltaT", deltaT)
+        if self.tinit >= total_steps - self.tfinal:
+            raise ValueError(
+                f"tinit={tinit} must be < total_steps - tfinal = {total_steps} - {tfinal}: no budgeting phase is left"
+            )
+        for key, beta in (("beta1", beta1), ("beta2", beta2)):
+            if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < 1:
+                raise ValueError(f"{key}={beta!r} must be a number in (0, 1)")
+        if isinstance(orth_reg_weight, bool) or not isinstance(orth_reg_weight, int | float):
+            raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a finite number >= 0")
+        if not math.isfinite(orth_reg_weight) or orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a finite number >= 0")
+        self.beta1, self.beta2, self.orth_reg_weight = float(beta1), float(beta2), float(orth_reg_weight)
+        self.init_budget = sum(a.rank for a in self.layers.values())
+        self.target_budget = self.target_r * len(self.layers)
+        if self.target_budget >= self.init_budget:
+            raise ValueError(
+                f"target_r={target_r} over {len(self.layers)} layers gives a target budget of {self.target_budget}, "
+                f"which must be < the initial budget {self.init_budget} (the sum of the adapters' ranks)"
+            )
+        self.avg: dict[str, dict[str, Tensor]] = {}  # layer -> part -> sensitivity EMA
+        self.unc: dict[str, dict[str, Tensor]] = {}  # layer -> part -> uncertainty EMA
+        # The keep masks of the last masking (PEFT's rank_pattern); all True before the first one.
+        self.keep: dict[str, Tensor] = {n: torch.ones(a.rank, dtype=torch.bool) for n, a in self.layers.items()}
+
+    def schedule(self, step: int) -> tuple[int, bool]:
+        return budget_at(
+            step,
+            init_budget=self.init_budget,
+            target_budget=self.target_budget,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            total=self.total_steps,
+            deltaT=self.deltaT,
+        )
+
+    def before_step(self) -> None:
+        if self.orth_reg_weight == 0:
+            return
+        params = [(a.A, a.B) for a in self.layers.values() if a.A.requires_grad and a.B.requires_grad]
+        if params:
+            (self.orth_reg_weight * orth_penalty(params)).backward()
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        for n, a in self.layers.items():
+            avg, unc = self.avg.setdefault(n, {}), self.unc.setdefault(n, {})
+            for part in PARTS:
+                p = getattr(a, part)
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                ipt = (p * grad).abs()
+                zero = torch.zeros_like(p)
+                avg[part], unc[part] = smooth(ipt, avg.get(part, zero), unc.get(part, zero), self.beta1, self.beta2)
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> None:
+        scores = [triplet_scores(*(self.avg[n][k] * self.unc[n][k] for k in PARTS)) for n in self.layers]
+        keep = mask_below(scores, self.init_budget - budget)
+        self.keep = {n: m.cpu() for n, m in zip(self.layers, keep, strict=True)}
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """``E_i = 0`` in place for every rank the last masking dropped (PEFT's ``masked_fill_``)."""
+        for n, a in self.layers.items():
+            a.E.masked_fill_(~self.keep[n].view(-1, 1).to(a.E.device), 0.0)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        step, last = self.t, self.total_steps - self.tfinal
+        self.t += 1
+        if step < last:
+            self.update_importance()
+            budget, now = self.schedule(step)
+            if now:
+                self.mask_to_budget(budget)
+        elif step == last:  # the final allocation; the EMAs are not needed any more
+            self.mask_to_budget(self.schedule(step)[0])
+            self.avg, self.unc = {}, {}
+        else:
+            self.apply()
+
+    def ranks(self) -> dict[str, int]:
+        """Ranks kept by the last masking (PEFT's ``rank_pattern`` sums): each layer's rank before the first."""
+        return {n: int(m.sum()) for n, m in self.keep.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "avg": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.avg.items()},
+            "unc": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.unc.items()},
+            "keep": {n: m.to(torch.int64) for n, m in self.keep.items()},  # int64: plain safetensors dtypes only
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("avg", "unc", "keep"):
+            unknown = set(state[key]) - set(self.layers)
+            if unknown:
+                raise ValueError(f"allocator state {key!r} names layers {sorted(unknown)} this model lacks")
+        keep = {n: m.to("cpu", torch.bool) for n, m in state["keep"].items()}
+        if set(keep) != set(self.layers) or any(keep[n].shape != (a.rank,) for n, a in self.layers.items()):
+            raise ValueError(f"allocator state 'keep' does not fit this model's layers {sorted(self.layers)}")
+
+        def place(d: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+            out = {}
+            for n, parts in d.items():
+                out[n] = {k: v.to(getattr(self.layers[n], k).device, torch.float32).clone() for k, v in parts.items()}
+            return out
+
+        self.avg, self.unc, self.keep = place(state["avg"]), place(state["unc"]), keep
+        super().load_state_dict(state)
