@@ -11,7 +11,7 @@ from typing import Any
 
 from loraplex._version import __version__
 from loraplex.adapters import METHODS
-from loraplex.train import ALLOCATORS, OPTIMIZERS
+from loraplex.train import OPTIMIZERS, allocator_names
 
 
 def _value(text: str) -> Any:
@@ -67,6 +67,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         train=[t for t in args.train.split(",") if t],
         optimizer=args.optimizer,
         allocator=args.allocator,
+        allocator_options=_options(args.allocator_option),
         epochs=args.epochs,
         lr=args.lr,
         head_lr=args.head_lr,
@@ -140,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
     f.add_argument("--train", default="classifier", help="comma-separated modules trained in full")
     f.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
-    f.add_argument("--allocator", default="none", choices=["none", *sorted(ALLOCATORS)])
+    f.add_argument("--allocator", default="none", choices=allocator_names(), help="rank allocation")
+    f.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE", help="allocator option")
     f.add_argument("--epochs", type=float, default=3.0)
     f.add_argument("--lr", type=float, help="learning rate (default: the method's, from its paper)")
     f.add_argument("--head-lr", type=float, help="learning rate of the --train modules (default: --lr)")

@@ -29,6 +29,8 @@ from loraplex.data import Split, load_splits
 from loraplex.inject import Targets, adapt, advance, count_trainable
 from loraplex.io import load, save, tensors_of, write_json
 from loraplex.rank import ALLOCATORS
+from loraplex.rank.report import adapter_ranks, heatmap
+from loraplex.rank.report import table as rank_table
 
 CHECKPOINT = "checkpoint"
 
@@ -60,6 +62,7 @@ class FinetuneConfig:
     train: list[str] = field(default_factory=lambda: ["classifier"])
     optimizer: str = "adamw"
     allocator: str = "none"
+    allocator_options: dict[str, Any] = field(default_factory=dict)
     epochs: float = 3.0
     lr: float | None = None
     head_lr: float | None = None
@@ -235,13 +238,31 @@ def _schedule(warm: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def allocator_names() -> list[str]:
+    """``--allocator`` choices: none, the step allocators of ``loraplex.rank.ALLOCATORS``, and GoRA's init."""
+    return ["none", *sorted(ALLOCATORS), "gora"]
+
+
+def _gora(model: nn.Module, cfg: FinetuneConfig, batches: list[dict[str, Any]]) -> None:
+    """GoRA's gradient pre-pass and rank allocation in place of ``adapt`` (ranks fixed afterwards)."""
+    from loraplex.rank import gora_init
+
+    keys = ("rank", "alpha", "rslora", "dropout")
+    opts = {k: v for k, v in cfg.options.items() if k in keys}
+    if unknown := sorted(set(cfg.options) - set(keys)):
+        raise ValueError(f"allocator='gora' takes the LoRA options {keys}, not {unknown}")
+    gora_init(model, batches, targets=cfg.targets, train=cfg.train, seed=cfg.seed, **opts, **cfg.allocator_options)
+
+
 def check_config(cfg: FinetuneConfig) -> None:
     if cfg.method not in METHODS:
         raise ValueError(f"method={cfg.method!r} is not one of: {', '.join(METHODS)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
-    if cfg.allocator != "none" and cfg.allocator not in ALLOCATORS:
-        raise ValueError(f"allocator={cfg.allocator!r} is not one of: {', '.join(['none', *ALLOCATORS])}")
+    if cfg.allocator != "none" and cfg.allocator not in ALLOCATORS and cfg.allocator != "gora":
+        raise ValueError(f"allocator={cfg.allocator!r} is not one of: {', '.join(allocator_names())}")
+    if cfg.allocator == "gora" and cfg.method != "lora":
+        raise ValueError(f"allocator='gora' initialises LoRA adapters: method must be 'lora', not {cfg.method!r}")
     if not cfg.epochs > 0:
         raise ValueError(f"epochs={cfg.epochs!r} must be > 0")
     if cfg.batch_size < 1:
@@ -279,14 +300,19 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model_dir = str(cfg.model or default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(names))
-    if cfg.resume:
-        load(model, ckpt)  # the same adapters and head, as saved (no re-init)
-    else:
-        adapt(model, cfg.method, targets=cfg.targets, train=cfg.train, **cfg.options)
     model.to(device)
     rows_train = _encode(tokenizer, train, cfg.max_length)
     rows_test = _encode(tokenizer, test, cfg.max_length)
     steps_per_epoch = math.ceil(len(rows_train) / cfg.batch_size)
+    if cfg.resume:
+        load(model, ckpt)  # the same adapters and head, as saved (no re-init)
+    elif cfg.allocator == "gora":  # the first n epoch-0 batches of this process feed the gradient pre-pass
+        n = min(int(cfg.allocator_options.get("n_steps") or 8), steps_per_epoch)
+        pre = [batch_indices(cfg.seed, 0, k, len(rows_train), cfg.batch_size, world) for k in range(n)]
+        _gora(model, cfg, [_collate(tokenizer, rows_train, train.labels, rows, device) for rows in pre])
+    else:
+        adapt(model, cfg.method, targets=cfg.targets, train=cfg.train, **cfg.options)
+    model.to(device)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = count_trainable(model)
     wrapped = _wrap(model, world, device, cfg.fsdp)  # FSDP replaces parameters: build the optimizer after
@@ -298,7 +324,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         groups.append({"params": [p for p in params if id(p) in head], "lr": cfg.head_lr})
     opt = OPTIMIZERS[cfg.optimizer](model, groups, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(int(cfg.warmup * total), total))
-    allocator = ALLOCATORS[cfg.allocator](model, total) if cfg.allocator != "none" else None
+    allocator = None
+    if cfg.allocator in ALLOCATORS:
+        allocator = ALLOCATORS[cfg.allocator](model, total, **cfg.allocator_options)
     start_step = load_checkpoint(ckpt, opt, sched, allocator) if cfg.resume else 0
     if world.main:
         what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
@@ -361,8 +389,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         labels=names,
         config=asdict(cfg),
     )
+    ranks = allocator.ranks() if allocator is not None else adapter_ranks(model)
+    metrics["ranks"] = ranks
     if world.main:
         save(model, out, tensors)
+        if cfg.allocator != "none" and ranks:
+            (out / "ranks.md").write_text(rank_table(ranks) + "\n")
+            heatmap(ranks, out / "ranks.png", title=f"{cfg.method} / {cfg.allocator}: final ranks")
+            print(rank_table(ranks))
         if not cfg.fsdp:
             save_checkpoint(ckpt, model, opt, sched, total, allocator)
         write_json(out / "metrics.json", metrics)

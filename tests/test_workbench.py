@@ -90,20 +90,27 @@ def test_checkpoint_state_round_trips_through_json_and_tensors() -> None:
 # finetune ----------------------------------------------------------------------------------------
 
 
+ADALORA = ["--method", "adalora", "--rank", "12", "--alpha", "32", "--allocator", "adalora"]
+ADALORA += ["--allocator-option", "target_r=4"]
+
+
 @pytest.mark.slow
-def test_resume_gives_the_uninterrupted_run(small: Path, tmp_path) -> None:
-    """Stopped after 1 of 3 steps and resumed: bit-identical adapter, head, metrics (dropout is on)."""
-    assert main(finetune_args(small, tmp_path / "straight", "--method", "singlora")) == 0
-    assert main(finetune_args(small, tmp_path / "split", "--method", "singlora", "--stop-after", "1")) == 0
+@pytest.mark.parametrize("run", [["--method", "singlora"], ADALORA], ids=["singlora", "adalora-allocator"])
+def test_resume_gives_the_uninterrupted_run(run: list[str], small: Path, tmp_path) -> None:
+    """Stopped after 1 of 3 steps and resumed: bit-identical adapter, head, metrics (dropout is on); with an
+    allocator, its state (importance EMAs, masks) resumes too."""
+    assert main(finetune_args(small, tmp_path / "straight", *run)) == 0
+    assert main(finetune_args(small, tmp_path / "split", *run, "--stop-after", "1")) == 0
     assert not (tmp_path / "split" / "metrics.json").exists()
     assert (tmp_path / "split" / "checkpoint" / "state.json").is_file()
-    assert main(finetune_args(small, tmp_path / "split", "--method", "singlora", "--resume")) == 0
+    assert main(finetune_args(small, tmp_path / "split", *run, "--resume")) == 0
     a = load_file(tmp_path / "straight" / "adapter.safetensors")
     b = load_file(tmp_path / "split" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "split"))
-    assert ma["accuracy"] == mb["accuracy"] and ma["steps"] == mb["steps"] == 3
-    assert {int(v) for k, v in b.items() if k.endswith(".step")} == {3}
+    assert ma["accuracy"] == mb["accuracy"] and ma["steps"] == mb["steps"] == 3 and ma["ranks"] == mb["ranks"]
+    if "singlora" in run:
+        assert {int(v) for k, v in b.items() if k.endswith(".step")} == {3}
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(small: Path, tmp_path, capsys) -> None:
@@ -137,19 +144,28 @@ def test_compare_writes_results_table_and_plot(small: Path, tmp_path, capsys) ->
 # many processes ----------------------------------------------------------------------------------
 
 
+RUNS = {
+    "ddp": ["--method", "lora"],
+    "fsdp": ["--method", "lora", "--fsdp"],
+    "ddp-adalora": ADALORA,  # reallocations on 2 processes: identical masks, bit-identical adapters
+    "ddp-gora": ["--method", "lora", "--allocator", "gora", "--allocator-option", "n_steps=2"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", list(RUNS))
 def test_torchrun_two_cpu_processes(mode: str, small: Path, tmp_path) -> None:
     out = tmp_path / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port
-    cmd += ["-m", "loraplex", *finetune_args(small, out, "--method", "lora", *(["--fsdp"] if mode == "fsdp" else []))]
+    cmd += ["-m", "loraplex", *finetune_args(small, out, *RUNS[mode])]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["ranks_in_sync"] is True and metrics["steps"] == 3
     assert result.stdout.count("test accuracy") == 1  # only rank 0 reports and writes
-    files = ["adapter.json", "adapter.safetensors", "metrics.json"] + (["checkpoint"] if mode == "ddp" else [])
+    files = ["adapter.json", "adapter.safetensors", "metrics.json"] + (["checkpoint"] if mode != "fsdp" else [])
+    files += ["ranks.md", "ranks.png"] if "-" in mode else []
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
     fresh = loraplex.load(
         type_of_minilm()(loraplex.train.default_model_path()), out
@@ -185,3 +201,32 @@ def test_trainer_example_trains_the_adapters(tmp_path) -> None:
         key = n.replace(".base.", ".")
         if key in base and "classifier" not in key:
             assert torch.equal(p, base[key]), n
+
+
+# rank report -------------------------------------------------------------------------------------
+
+
+def test_rank_report_table_and_heatmap(tmp_path) -> None:
+    from loraplex.rank.report import adapter_ranks, heatmap, table
+
+    ranks = {"enc.layer.0.q": 4, "enc.layer.0.v": 2, "enc.layer.1.q": 8, "pooler.dense": 3}
+    assert table(ranks).splitlines()[2:] == ["| enc.layer.0 | 4 | 2 | - |", "| enc.layer.1 | 8 | - | - |",
+                                             "| (other) | - | - | 3 |"]  # fmt: skip
+    assert heatmap(ranks, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 1000
+    model = loraplex.adapt(MODELS[0].make(), "lora", rank=3)
+    assert adapter_ranks(model) == {"fc1": 3, "fc2": 3}
+
+
+@pytest.mark.slow
+def test_finetune_with_gora_writes_the_rank_report(small: Path, tmp_path) -> None:
+    out = tmp_path / "gora"
+    args = ["--method", "lora", "--allocator", "gora", "--allocator-option", "n_steps=2"]
+    assert main(finetune_args(small, out, *args)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ranks = metrics["ranks"]
+    assert len(ranks) == 37 and len(set(ranks.values())) > 1  # per-layer ranks from the gradients
+    spec = json.loads((out / "adapter.json").read_text())
+    assert sum(len(e["layers"]) for e in spec["adapters"]) == 37  # one spec entry per distinct rank
+    assert (out / "ranks.png").is_file() and "bert.encoder.layer.5" in (out / "ranks.md").read_text()
+    with pytest.raises(ValueError, match="method must be 'lora'"):
+        loraplex.train.check_config(loraplex.train.FinetuneConfig(method="dora", allocator="gora"))
