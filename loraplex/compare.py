@@ -2,11 +2,13 @@
 
 For each method the size option (``Adapter.size_option``: LoRA's ``rank``, C3A's ``block_size``,
 ...) is set to the value whose adapter-parameter count on the targeted layers is closest to the
-budget (ties: the smaller value); methods with no size option (a fixed count, e.g. ``circulant``)
-run as they are. The budget counts adapter parameters only: the classification head, trained in
-full by every method, is the same for all and reported apart. A method adapts the targeted layers
-it can take with its default options (square-only methods: the square ones; when that is none,
-all of them, and the size must fit each); the table says how many.
+budget (ties: the smaller value). ``METHOD@ALLOCATOR`` entries (``lora@gora``,
+``adalora@adalora``) run with rank allocation, the budget then being the final size. Methods with
+no size option (a fixed count, e.g. ``circulant``) run as they are. The budget counts adapter
+parameters only: the classification head, trained in full by every method, is the same for all
+and reported apart. A method adapts the targeted layers it can take with its default options
+(square-only methods: the square ones; when that is none, all of them, and the size must fit
+each); the table says how many.
 
 Every run is a separate ``loraplex finetune`` process (so that peak memory is per run), whose
 ``metrics.json`` is read back; a compare re-run skips the runs already finished in ``--out``.
@@ -65,16 +67,49 @@ def count(method: str, shapes: list[tuple[int, int]], options: dict[str, Any]) -
 
 @dataclass
 class Plan:
-    """One method's run settings at the budget."""
+    """One entry's run settings at the budget (``allocator``: the rank allocation run with it, or "none")."""
 
     method: str
     options: dict[str, Any]
     layers: list[str]
     adapter_params: int
+    allocator: str = "none"
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.allocator == "none" else f"{self.method}@{self.allocator}"
 
 
-def plan(method: str, model: nn.Module, targets: Targets, budget: int) -> Plan:
-    """Pick the layers ``method`` can take and the size closest to ``budget`` (see the module docstring)."""
+def split_entry(entry: str) -> tuple[str, str]:
+    """``"adalora@adalora"`` -> ``("adalora", "adalora")``; ``"lora"`` -> ``("lora", "none")``."""
+    from loraplex.train import allocator_names
+
+    method, _, allocator = entry.partition("@")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} (in {entry!r}) is not registered: {', '.join(METHODS)}")
+    if allocator and allocator not in allocator_names():
+        raise ValueError(f"allocator {allocator!r} (in {entry!r}) is not one of: {', '.join(allocator_names())}")
+    return method, allocator or "none"
+
+
+def plan(entry: str, model: nn.Module, targets: Targets, budget: int) -> Plan:
+    """Pick the layers the method can take and the size closest to ``budget`` (see the module docstring).
+
+    ``entry`` is ``METHOD`` or ``METHOD@ALLOCATOR``: with an allocator the budget is the FINAL size,
+    and the allocator's ``at_budget`` turns it into the starting options (AdaLoRA starts larger).
+    """
+    from loraplex.rank import ALLOCATORS
+
+    method, allocator = split_entry(entry)
+    p = _plan(method, model, targets, budget)
+    if allocator in ALLOCATORS:
+        p.options, p.allocator_options = ALLOCATORS[allocator].at_budget(p.options)
+    p.allocator = allocator
+    return p
+
+
+def _plan(method: str, model: nn.Module, targets: Targets, budget: int) -> Plan:
     cls = METHODS[method]
     defaults = bind_options(method, {})
     found = layers(model)
@@ -142,10 +177,13 @@ def run_one(cfg: CompareConfig, p: Plan, seed: int, out: Path) -> dict[str, Any]
                 cmd += [flag, value]
         for k, v in p.options.items():
             cmd += ["--option", f"{k}={json.dumps(v)}"]
-        print(f"--- {p.method} {p.options} seed {seed}", flush=True)
+        if p.allocator != "none":
+            cmd += ["--allocator", p.allocator]
+            cmd += [x for k, v in p.allocator_options.items() for x in ("--allocator-option", f"{k}={json.dumps(v)}")]
+        print(f"--- {p.label} {p.options} {p.allocator_options} seed {seed}", flush=True)
         result = subprocess.run(cmd, check=False)
         if result.returncode != 0 or not done.is_file():
-            raise ValueError(f"the {p.method} run (seed {seed}) failed with exit code {result.returncode}: {cmd}")
+            raise ValueError(f"the {p.label} run (seed {seed}) failed with exit code {result.returncode}: {cmd}")
     return json.loads(done.read_text())
 
 
@@ -158,6 +196,7 @@ def summarise(p: Plan, runs: list[dict[str, Any]]) -> dict[str, Any]:
     f1, f1_sd = stats("macro_f1")
     return {
         **asdict(p),
+        "method": p.label,
         "layers": len(p.layers),
         "trainable_params": runs[0]["trainable_params"],
         "accuracy": acc,
@@ -182,7 +221,7 @@ def table(rows: list[dict[str, Any]], budget: int) -> str:
     head = "| method | size | layers | adapter params | x budget | accuracy | macro-F1 | ms/step | peak MiB |"
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        size = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "(fixed)"
+        size = ", ".join(f"{k}={v}" for k, v in (r["options"] | r["allocator_options"]).items()) or "(fixed)"
         lines.append(
             f"| {r['method']} | {size} | {r['layers']} | {r['adapter_params']:,} | {r['adapter_params'] / budget:.2f} "
             f"| {pm(r['accuracy'], r['accuracy_sd'])} | {pm(r['macro_f1'], r['macro_f1_sd'])} "
@@ -223,8 +262,8 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     from loraplex.data import load_splits
     from loraplex.train import default_model_path
 
-    if unknown := [m for m in cfg.methods if m not in METHODS]:
-        raise ValueError(f"methods {unknown} are not registered: {', '.join(METHODS)}")
+    for entry in cfg.methods:
+        split_entry(entry)
     if cfg.seeds < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
     _, _, names = load_splits(cfg.data, cfg.test_data)
@@ -235,10 +274,10 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     plans = [plan(m, model, cfg.targets, budget) for m in cfg.methods]
     out = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-compare"))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"budget {budget:,} adapter parameters; " + "; ".join(f"{p.method} {p.options}" for p in plans))
+    print(f"budget {budget:,} adapter parameters; " + "; ".join(f"{p.label} {p.options}" for p in plans))
     rows = []
     for p in plans:
-        runs = [run_one(cfg, p, seed, out / f"{p.method}-seed{seed}") for seed in range(cfg.seeds)]
+        runs = [run_one(cfg, p, seed, out / f"{p.label.replace('@', '-at-')}-seed{seed}") for seed in range(cfg.seeds)]
         rows.append(summarise(p, runs))
     md = table(rows, budget)
     note = f"\n\nBudget {budget:,} adapter parameters, {cfg.epochs:g} epoch(s), {cfg.seeds} seed(s)"

@@ -230,3 +230,17 @@ def test_finetune_with_gora_writes_the_rank_report(small: Path, tmp_path) -> Non
     assert (out / "ranks.png").is_file() and "bert.encoder.layer.5" in (out / "ranks.md").read_text()
     with pytest.raises(ValueError, match="method must be 'lora'"):
         loraplex.train.check_config(loraplex.train.FinetuneConfig(method="dora", allocator="gora"))
+
+
+def test_plan_with_an_allocator_budgets_the_final_size() -> None:
+    model = MODELS[1].make()
+    lora = plan("lora", model, "all-linear", 700)
+    gora = plan("lora@gora", model, "all-linear", 700)
+    assert (gora.options, gora.allocator, gora.label) == (lora.options, "gora", "lora@gora")
+    ada = plan("adalora@adalora", model, "all-linear", 700)
+    final = ada.allocator_options["target_r"]
+    assert ada.options["rank"] == max(final + 1, -(-3 * final // 2))  # starts at ceil(1.5 r), PEFT's 12 -> 8
+    assert ada.adapter_params == count("adalora", [(16, 16)] * 4 + [(16, 40), (40, 16)], {"rank": final})
+    for bad, message in [("nope@gora", "method 'nope'"), ("lora@nope", "allocator 'nope'")]:
+        with pytest.raises(ValueError, match=message):
+            plan(bad, model, "all-linear", 700)

@@ -177,6 +177,13 @@ class AdaLoRAAllocator(Allocator):
         # The keep masks of the last masking (PEFT's rank_pattern); all True before the first one.
         self.keep: dict[str, Tensor] = {n: torch.ones(a.rank, dtype=torch.bool) for n, a in self.layers.items()}
 
+    @classmethod
+    def at_budget(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Final average rank ``r`` at the budget: start at ``ceil(1.5 r)`` (PEFT's default ratio, init_r 12 for
+        target_r 8) and budget down to ``target_r = r``."""
+        r = int(options["rank"])
+        return dict(options) | {"rank": max(r + 1, math.ceil(1.5 * r))}, {"target_r": r}
+
     def schedule(self, step: int) -> tuple[int, bool]:
         return budget_at(
             step,

@@ -41,6 +41,15 @@ class Allocator:
         self.total_steps = total_steps
         self.t = 0  # optimizer steps seen
 
+    @classmethod
+    def at_budget(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Method and allocator options for a run whose FINAL size is ``options`` (``loraplex compare``).
+
+        ``options`` holds the method's size option chosen for the budget (e.g. ``{"rank": 8}``); the
+        default keeps it as the starting size (allocators that conserve the total rank).
+        """
+        return dict(options), {}
+
     def before_step(self) -> None:
         """After ``loss.backward()``, before ``optimizer.step()``: add regulariser gradients."""
 
