@@ -269,6 +269,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"batch_size={cfg.batch_size!r} must be >= 1")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ValueError(f"stop_after={cfg.stop_after!r} must be >= 1")
+    if cfg.fsdp and cfg.allocator in ALLOCATORS and ALLOCATORS[cfg.allocator].resizes:
+        raise ValueError(f"allocator={cfg.allocator!r} resizes parameters, which FSDP's shards cannot follow")
     if cfg.fsdp and (cfg.resume or cfg.stop_after or cfg.checkpoint_every):
         # FSDP's optimizer state is sharded per process; one process writing it all is not implemented
         raise ValueError("fsdp=True does not checkpoint mid-run: drop resume / stop_after / checkpoint_every")
@@ -326,7 +328,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(int(cfg.warmup * total), total))
     allocator = None
     if cfg.allocator in ALLOCATORS:
-        allocator = ALLOCATORS[cfg.allocator](model, total, **cfg.allocator_options)
+        cls = ALLOCATORS[cfg.allocator]
+        extra = {"ddp_rewrap": True} if cls.resizes and world.size > 1 else {}  # this loop re-wraps (below)
+        allocator = cls(model, total, **cfg.allocator_options, **extra)
     start_step = load_checkpoint(ckpt, opt, sched, allocator) if cfg.resume else 0
     if world.main:
         what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
@@ -349,6 +353,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         advance(model)  # one optimizer step (SingLoRA's ramp counts these)
         if allocator is not None:
             allocator.step(opt)
+            if allocator.resized and world.size > 1:
+                wrapped = _wrap(model, world, device, cfg.fsdp)  # DDP must see the new parameters
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

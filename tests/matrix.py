@@ -194,6 +194,17 @@ CASES = [
     Case("adalora", {"rank": 4, "alpha": 32}),  # E = 0: the base at init (A, B move from step 2 on)
     Case("adalora", {"rank": 12, "alpha": 64.0, "dropout": 0.1}),  # rank > min(in, out) of fc1; PEFT's alpha=8 moves
     # the output by < 1e-4 in 3 steps (A, B ~ N(0, 0.02²), E = 0), too little for the switch-off test
+    Case("elalora", {"rank": 4, "alpha": 32}),  # E = 0: the base at init; a larger alpha than the default 16, as
+    # for adalora (E = 0 and A, B ~ N(0, 0.02²) move the output slowly)
+    Case("elalora", {"rank": 10, "alpha": 64.0, "dropout": 0.1, "current_rank": 3}),  # resized: scale uses r0 = 10
+    Case("ardlora", {"rank": 4, "alpha": 8}),  # heads=1: one rank scale per layer
+    Case(
+        "ardlora",
+        {"rank": 3, "heads": 2, "temperature": 0.25, "dropout": 0.1},
+        models=("block",),
+        layer=(16, 16),
+        targets=("query", "key", "value", "out"),
+    ),
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.

@@ -2,12 +2,14 @@
 
 from loraplex.adapter import Adapter
 from loraplex.adapters.adalora import AdaLoRA
+from loraplex.adapters.ardlora import ARDLoRA
 from loraplex.adapters.bone import Bone
 from loraplex.adapters.bora import BoRA
 from loraplex.adapters.bottleneck import Bottleneck
 from loraplex.adapters.c3a import C3A
 from loraplex.adapters.circulant import Circulant
 from loraplex.adapters.dora import DoRA
+from loraplex.adapters.elalora import ElaLoRA
 from loraplex.adapters.gralora import GraLoRA
 from loraplex.adapters.kronecker import Kronecker
 from loraplex.adapters.ldr import LDR
@@ -39,6 +41,8 @@ METHODS: dict[str, type[Adapter]] = {
     "ldr": LDR,
     "adapter": Bottleneck,
     "adalora": AdaLoRA,
+    "elalora": ElaLoRA,
+    "ardlora": ARDLoRA,
 }
 
 __all__ = [
@@ -61,4 +65,6 @@ __all__ = [
     "LDR",
     "Bottleneck",
     "AdaLoRA",
+    "ElaLoRA",
+    "ARDLoRA",
 ]

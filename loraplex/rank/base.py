@@ -33,6 +33,9 @@ class Allocator:
     """
 
     name: ClassVar[str]
+    # True for allocators that replace parameters (ElaLoRA's resizes): after a ``step`` that set
+    # ``self.resized``, a DDP wrapper must be rebuilt (``loraplex.finetune`` does); FSDP is refused.
+    resizes: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, total_steps: int) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -40,6 +43,7 @@ class Allocator:
         self.model = model
         self.total_steps = total_steps
         self.t = 0  # optimizer steps seen
+        self.resized = False  # whether the last ``step`` replaced parameters
 
     @classmethod
     def at_budget(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,177 @@
+"""ARD-LoRA (Shinwari & Usama, 2025): LoRA with learnable per-head rank scales behind a soft rank mask.
+
+The allocator that regularises the scales (ℓ1 + total variation) and clamps them is ``loraplex.rank.ardlora``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+
+
+def soft_rank_mask(scales: Tensor, rank: int, temperature: float) -> Tensor:
+    """``m_{h,j} = sigmoid((r0 · α_h − j + ½) / τ)`` for ``j = 1..r0``. Shapes: scales (H,) -> (H, r0).
+
+    Entry ``j`` is above ½ exactly when ``j < r0 α + ½``, so the number of entries above ½ is
+    ``effective_ranks(α)`` (see there). We count ``j`` from 1; methods.md writes ``j = 0..r0−1``
+    with ``+½``, which would switch on one component more than ``round(r0 α)`` (all r0 at
+    ``α = (r0 − 1)/r0``, one at ``α = 0``).
+
+    >>> soft_rank_mask(torch.tensor([0.5]), 4, 0.5).gt(0.5).tolist()
+    [[True, True, False, False]]
+    """
+    j = torch.arange(1, rank + 1, device=scales.device, dtype=scales.dtype)  # (r0,)
+    return torch.sigmoid((rank * scales[:, None] - j + 0.5) / temperature)
+
+
+def effective_ranks(scales: Tensor, rank: int) -> Tensor:
+    """``r_h = max(1, round(r0 · α_h))``, capped at r0, rounding halves down: int64 (H,).
+
+    Rounding halves down (``ceil(r0 α − ½)``) makes ``r_h`` exactly the number of mask entries above
+    ½ (``soft_rank_mask``), so the reported rank is what the mask keeps; the cap at ``r0`` covers
+    ``α > 1`` (the adapter alone does not clamp; the allocator does).
+
+    >>> effective_ranks(torch.tensor([1.0, 0.5, 0.3, 0.0, 2.0]), 8).tolist()
+    [8, 4, 2, 1, 8]
+    """
+    return torch.ceil(rank * scales.detach().double() - 0.5).clamp(1, rank).to(torch.int64)
+
+
+def valid_heads(out_features: int) -> list[int]:
+    """The head counts an ``out_features``-row layer splits into: its divisors.
+
+    >>> valid_heads(12)
+    [1, 2, 3, 4, 6, 12]
+    """
+    return [h for h in range(1, out_features + 1) if out_features % h == 0]
+
+
+class ARDLoRA(Adapter):
+    """ARD-LoRA: Adaptive Rank Dynamic LoRA (https://arxiv.org/abs/2506.18267), our differentiable realisation.
+
+    The paper gives each layer l and head h a learnable scale ``α_{l,h}`` and an effective rank
+    ``r = max(1, round(r0 · α))``, trained with ``L_task + λ R(α)`` (ℓ1 sparsity + total variation);
+    how gradients pass the rounding is not pinned down (no code is public). **Our design**: the
+    factors keep the maximal rank r0 and a soft rank mask scales their components:
+
+    ``y = W0 x + b + Σ_h [(alpha / r0) · B_h diag(m(α_h)) A_h dropout(x)]`` on head h's rows, with
+    ``m_j(α) = sigmoid((r0 · α − j + ½) / τ)``, ``j = 1..r0`` (``soft_rank_mask``). The update is
+    split into ``heads`` blocks of ``out / heads`` rows (an attention projection's heads; ``heads=1``
+    is one scale per layer), block h being ``ΔW_h = (alpha / r0) · B_h diag(m(α_h)) A_h``
+    (``delta_weight()`` stacks them). The rounding is only reported (``effective_ranks``: the
+    number of mask entries above ½), never used in the forward: the sigmoid is the gradient path
+    to α, and α moving down switches components off smoothly. Shapes never change.
+
+    Parameters: ``A`` (heads · r0, in) = ``[A_1; …; A_H]`` (one GEMM for all heads), ``B`` (out, r0)
+    = ``[B_1; …; B_H]`` (applied block-diagonally: head h's A-rows feed only head h's B-rows),
+    ``rank_scale`` (heads,) = α. Init: A as ``nn.Linear`` (LoRA's kaiming), B = 0 (the base model at
+    init), α = 1 (effective rank r0: every component on; decision, the paper starts from r0).
+
+    Defaults: ``rank`` r0 = 8, ``alpha`` 16 (LoRA's scale ``alpha / r0``; the paper does not give
+    them), ``heads`` 1 (per layer: the allocator then has one scale per layer and needs no head
+    layout; use the model's head count for the paper's per-head scales), ``temperature`` τ = 0.5
+    (not in the paper: mask entries more than 2.5 components from the boundary ``r0 α + ½`` are
+    within 0.7% of 0 or 1, so about two components on each side get gradient; a smaller τ sharpens
+    the mask but starves α of gradient). With α = 1 the top component is scaled by
+    ``sigmoid(½ / τ) ≈ 0.73``; B and A absorb that.
+
+    Shapes: x (..., in) -> (..., out).
+
+    Args:
+        base: the layer to adapt.
+        rank: r0, the maximal rank per head.
+        alpha: scale numerator (``alpha / rank``).
+        heads: head blocks of the output rows; must divide out_features.
+        temperature: τ of the soft rank mask (> 0).
+        dropout: dropout probability on the adapter's input.
+
+    Example:
+        >>> layer = ARDLoRA(nn.Linear(16, 32), rank=4, heads=2)
+        >>> layer(torch.randn(2, 16)).shape, layer.effective_ranks().tolist()
+        (torch.Size([2, 32]), [4, 4])
+    """
+
+    method = "ardlora"
+    paper = "https://arxiv.org/abs/2506.18267"
+    formula = "heads * rank * (in + out / heads) + heads"
+    # LoRA's default: A and B are LoRA's factors; under Adam α moves at most ~lr per step, so at 1e-3
+    # a head can go from r0 to rank 1 in (1 - 1/r0) / lr ≈ 900 steps, within a usual fine-tuning run.
+    default_lr = 1e-3
+    size_option = "rank"
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        heads: int = 1,
+        temperature: float = 0.5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(base)
+        check_int("rank", rank)
+        check_int("heads", heads)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise ValueError(f"alpha={alpha!r} must be a finite number")
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+        if self.out_features % heads:
+            valid = ", ".join(map(str, valid_heads(self.out_features)))
+            raise ValueError(f"heads={heads} must divide out_features={self.out_features}; valid head counts: {valid}")
+        self.rank, self.heads, self.temperature = rank, heads, float(temperature)
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        device = self.param_device
+        self.A = nn.Parameter(torch.empty(heads * rank, self.in_features, device=device))  # (H r0, in), fp32
+        self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r0), fp32
+        self.rank_scale = nn.Parameter(torch.ones(heads, device=device))  # α (H,), fp32
+        if not is_restoring():
+            self.reset_parameters()
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, *, rank: int = 8, heads: int = 1, **_: object) -> int:
+        return heads * rank * (in_features + out_features // heads) + heads
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's default, as LoRA
+        nn.init.zeros_(self.B)
+        nn.init.ones_(self.rank_scale)
+
+    def mask(self) -> Tensor:
+        """The soft rank mask ``m(α_h)`` of every head: (H, r0)."""
+        return soft_rank_mask(self.rank_scale, self.rank, self.temperature)
+
+    def effective_ranks(self) -> Tensor:
+        """``max(1, round(r0 · α_h))`` per head (int64, (H,)); reported, not used in the forward."""
+        return effective_ranks(self.rank_scale, self.rank)
+
+    def effect(self, x: Tensor) -> Tensor:
+        """``Σ_h (alpha / r0) · B_h diag(m_h) A_h x`` in fp32: (..., in) -> (..., out)."""
+        z = F.linear(x.to(self.A.dtype), self.A)  # (..., H r0)
+        z = z * (self.scale * self.mask()).flatten()
+        if self.heads == 1:
+            return F.linear(z, self.B)
+        B = self.B.view(self.heads, -1, self.rank)  # (H, out / H, r0)
+        y = torch.einsum("...hr,hor->...ho", z.unflatten(-1, (self.heads, self.rank)), B)
+        return y.flatten(-2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if not self.active:
+            return y
+        return y + self.effect(self.dropout(x)).to(y.dtype)
+
+    def delta_weight(self) -> Tensor:
+        B = self.B.view(self.heads, -1, self.rank)  # (H, out / H, r0)
+        A = self.A.view(self.heads, self.rank, self.in_features)  # (H, r0, in)
+        scaled = B * (self.scale * self.mask())[:, None, :]
+        return torch.bmm(scaled, A).reshape(self.out_features, self.in_features)  # (out, in)

@@ -1,0 +1,165 @@
+"""ARD-LoRA's rank regulariser (Shinwari & Usama, 2025): ℓ1 sparsity and temporal total variation on α.
+
+Pure pieces: ``ard_penalty`` (the regulariser) and ``clamp_scales`` (the feasible range of α).
+``ARDLoRAAllocator`` drives them from the loop contract of ``loraplex.rank.base``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from loraplex.adapters.ardlora import ARDLoRA
+from loraplex.inject import adapters
+from loraplex.rank.base import Allocator
+
+
+def ard_penalty(scales: Sequence[Tensor], previous: Sequence[Tensor], l1: float, tv: float) -> Tensor:
+    """``l1 · Σ |α| + tv · Σ (α − α_prev)²`` over every head of every layer (a scalar).
+
+    The paper's ``λ R(α)`` with ``R = ℓ1 + β TV`` is this with ``l1 = λ`` and ``tv = λ β``; we weight
+    the two terms independently so that either can be switched off alone.
+
+    >>> ard_penalty([torch.tensor([1.0, 0.5])], [torch.tensor([0.5, 0.5])], l1=0.1, tv=2.0)
+    tensor(0.6500)
+    """
+    total: Any = 0
+    for a, p in zip(scales, previous, strict=True):
+        total = total + l1 * a.abs().sum() + tv * (a - p).square().sum()
+    return torch.as_tensor(total)
+
+
+@torch.no_grad()
+def clamp_scales(scale: Tensor, rank: int) -> None:
+    """``α ← clamp(α, 1/r0, 1)`` in place: effective ranks between 1 and r0 (``effective_ranks``)."""
+    scale.clamp_(1.0 / rank, 1.0)
+
+
+def _check_weight(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+class ARDLoRAAllocator(Allocator):
+    """ARD-LoRA's allocator (https://arxiv.org/abs/2506.18267): ℓ1 + TV gradients on α, then α clamped.
+
+    Per step:
+
+    * ``before_step``: the gradient of ``l1 · Σ_{l,h} |α_{l,h}| + tv · Σ_{l,h} (α_{l,h} − α_{l,h}^prev)²``
+      (``ard_penalty``) is back-propagated into the ``rank_scale`` gradients. ℓ1 drives scales (and so
+      ranks) down wherever the task does not hold them up; TV penalises change.
+    * ``step``: after the optimizer step, every α is clamped to ``[1/r0, 1]`` in place (effective
+      ranks 1..r0; no shapes change, the soft mask does the rank work, so the optimizer state stays
+      valid), and ``α^prev`` becomes the value this step's forward used.
+
+    Decisions (the paper's exact R, its weights and the TV's axis are not pinned down):
+
+    * TV is over time (``α(t) − α(t−1)``, the values of the previous step, kept here), not across
+      adjacent layers: in a transformer the adapter order interleaves q / k / v / out / MLP layers,
+      which have no reason to share ranks, and "stable rank transitions" is a statement about time.
+      At the first step ``α^prev = α`` (no penalty).
+    * ``l1`` default 1e-3: under Adam the ℓ1 gradient acts as a threshold, a scale shrinks (by up to
+      ~lr per step) where the task gradient on it is below ``l1``; small, so that only scales the
+      task barely uses go down (unverified against the paper, whose λ is not given: sweep it).
+    * ``tv`` default 0.1: α moves by about lr per Adam step, so the TV gradient ``2 tv Δα`` is about
+      ``2e-4`` at lr 1e-3, a fifth of ``l1``: it damps step-to-step reversals without stopping a
+      steady ℓ1 drift.
+    * ``ranks()`` is the sum over heads of each layer's effective ranks (``head_ranks()`` gives them
+      per head); the rank table then reads as a layer's total rank, comparable with AdaLoRA's.
+    * With several ARD-LoRA adapter names in the model, ``name`` picks one.
+    * ``at_budget`` is the base class's: the trainable-parameter count never changes (the factors
+      keep rank r0; only the effective rank shrinks), so a budget's size is the starting size.
+
+    Args:
+        model: a model carrying ``ardlora`` adapters.
+        total_steps: optimizer steps of the whole run (unused: the regulariser has no schedule).
+        l1: weight of ``Σ |α|`` (>= 0).
+        tv: weight of ``Σ (α − α_prev)²`` (>= 0).
+        name: the adapter name to regularise (None: the only ARD-LoRA adapter name).
+
+    Example:
+        >>> import loraplex
+        >>> model = loraplex.adapt(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), "ardlora", rank=4, heads=2)
+        >>> ARDLoRAAllocator(model, total_steps=10).ranks()
+        {'0': 8, '1': 8}
+    """
+
+    name = "ardlora"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        *,
+        l1: float = 1e-3,
+        tv: float = 0.1,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(model, total_steps)
+        # by method name, not isinstance: doctests import modules a second time (--import-mode=importlib)
+        found = [(n, a) for n, a in adapters(model) if a.method == ARDLoRA.method]
+        names = sorted({a.name for _, a in found})
+        if not found:
+            methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
+            raise ValueError(
+                f"the ardlora allocator needs a model with ardlora adapters (loraplex.adapt(model, 'ardlora')); "
+                f"this model has: {', '.join(methods)}"
+            )
+        if name is None and len(names) > 1:
+            raise ValueError(f"the model has several ardlora adapters {names}; pass name=")
+        if name is not None and name not in names:
+            raise ValueError(f"name={name!r} is not one of the model's ardlora adapters {names}")
+        chosen = names[0] if name is None else name
+        self.layers: dict[str, ARDLoRA] = {n: cast(ARDLoRA, a) for n, a in found if a.name == chosen}
+        self.l1, self.tv = _check_weight("l1", l1), _check_weight("tv", tv)
+        self.prev: dict[str, Tensor] = {n: a.rank_scale.detach().clone() for n, a in self.layers.items()}
+        self._seen: dict[str, Tensor] | None = None  # α as this step's forward used it (set in before_step)
+
+    def before_step(self) -> None:
+        self._seen = {n: a.rank_scale.detach().clone() for n, a in self.layers.items()}
+        if self.l1 == 0 and self.tv == 0:
+            return
+        live = [n for n, a in self.layers.items() if a.rank_scale.requires_grad]
+        if live:
+            scales = [self.layers[n].rank_scale for n in live]
+            ard_penalty(scales, [self.prev[n] for n in live], self.l1, self.tv).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.t += 1
+        for a in self.layers.values():
+            clamp_scales(a.rank_scale, a.rank)
+        if self._seen is None:  # before_step was skipped: the clamped values stand in
+            self._seen = {n: a.rank_scale.detach().clone() for n, a in self.layers.items()}
+        self.prev, self._seen = self._seen, None
+
+    def head_ranks(self) -> dict[str, list[int]]:
+        """Effective ranks per head, by layer name."""
+        return {n: a.effective_ranks().tolist() for n, a in self.layers.items()}
+
+    def ranks(self) -> dict[str, int]:
+        """Each layer's effective rank summed over its heads."""
+        return {n: int(a.effective_ranks().sum()) for n, a in self.layers.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "prev": {n: p.detach().clone() for n, p in self.prev.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prev = state["prev"]
+        if set(prev) != set(self.layers):
+            raise ValueError(
+                f"allocator state 'prev' names layers {sorted(prev)}, this model has {sorted(self.layers)}"
+            )
+        for n, a in self.layers.items():
+            if tuple(prev[n].shape) != tuple(a.rank_scale.shape):
+                raise ValueError(
+                    f"allocator state 'prev' of {n!r} has shape {tuple(prev[n].shape)}, "
+                    f"expected {tuple(a.rank_scale.shape)}"
+                )
+        self.prev = {n: prev[n].to(a.rank_scale.device, torch.float32).clone() for n, a in self.layers.items()}
+        self._seen = None
+        super().load_state_dict(state)

@@ -1,0 +1,341 @@
+"""ElaLoRA's rank allocator (Chang et al., 2025): prune the least important ranks, grow where they are still important.
+
+Pure pieces: ``b_at`` (the cubic schedule of b), ``plan_changes`` (which ranks to prune, how many to grow),
+``remap`` (drop / append rank slices of a state tensor) and ``carry_optimizer`` (move a resized parameter's
+optimizer state); the EMAs, triplet scores and the orthogonality penalty are AdaLoRA's (``loraplex.rank.adalora``).
+``ElaLoRAAllocator`` drives them from the loop contract of ``loraplex.rank.base``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from loraplex.adapter import check_int
+from loraplex.adapters.elalora import RANK_DIM, ElaLoRA
+from loraplex.inject import adapters
+from loraplex.rank.adalora import PARTS, orth_penalty, smooth, triplet_scores
+from loraplex.rank.base import Allocator
+
+
+def b_at(step: int, *, b0: int, init_warmup: int, final_warmup: int, total: int) -> int:
+    """``round(b0 · (1 - p³))``, ``p = clip((step - init_warmup) / (total - final_warmup - init_warmup), 0, 1)``.
+
+    The reference's ``_b_scheduler`` (Python's ``round``: halves to even).
+
+    >>> [b_at(s, b0=4, init_warmup=2, final_warmup=2, total=10) for s in range(10)]
+    [4, 4, 4, 4, 4, 4, 3, 2, 0, 0]
+    """
+    p = min(max((step - init_warmup) / (total - final_warmup - init_warmup), 0.0), 1.0)
+    return round(b0 * (1 - p**3))
+
+
+def plan_changes(scores: Sequence[Tensor], k: int, b: int) -> tuple[list[Tensor], list[int]]:
+    """Per matrix: the rank indices to prune and the number of ranks to grow.
+
+    Each matrix offers its ``k_eff = min(k, r - 1)`` lowest triplet scores; of the pooled offers the
+    ``n = min(b, pooled)`` smallest are pruned (from their owners) and the owners of the ``n``
+    largest grow by one rank per offer (a matrix can grow several ranks, and can both lose and gain).
+    Sorting is stable, so ties go to the earlier matrix / rank: the choice is deterministic.
+
+    >>> prune, grow = plan_changes([torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.3, 0.2])], k=2, b=1)
+    >>> [p.tolist() for p in prune], grow
+    ([[0], []], [1, 0])
+    """
+    values, owners, ranks = [], [], []
+    for i, s in enumerate(scores):
+        k_eff = min(k, s.numel() - 1)
+        if k_eff < 1:
+            continue
+        order = torch.sort(s.detach().float().cpu(), stable=True).indices[:k_eff]
+        values.append(s.detach().float().cpu()[order])
+        owners += [i] * k_eff
+        ranks += order.tolist()
+    prune: list[list[int]] = [[] for _ in scores]
+    grow = [0] * len(scores)
+    n = min(b, len(owners))
+    if n > 0:
+        flat = torch.cat(values)
+        for j in torch.sort(flat, stable=True).indices[:n].tolist():
+            prune[owners[j]].append(ranks[j])
+        for j in torch.sort(flat, stable=True, descending=True).indices[:n].tolist():
+            grow[owners[j]] += 1
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in prune], grow
+
+
+def remap(t: Tensor, keep: Tensor, grow: int, dim: int) -> Tensor:
+    """The slices ``keep`` of ``t`` along ``dim``, then ``grow`` zero slices appended."""
+    t = t.index_select(dim, keep.to(t.device))
+    shape = list(t.shape)
+    shape[dim] = grow
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def carry_optimizer(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, keep: Tensor, grow: int, dim: int
+) -> None:
+    """Put ``new`` where ``old`` was in ``optimizer.param_groups`` and carry its state.
+
+    Per-element state (a tensor shaped like ``old``: AdamW's ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``, SGD's ``momentum_buffer``) keeps the surviving slices ``keep`` and gets zeros
+    for the ``grow`` new ones; scalars (``step``) and non-tensors are kept. Any other state (factored
+    second moments, Adafactor's rows / columns, ...) cannot be carried: ``ValueError``.
+    """
+    name = type(optimizer).__name__
+    found = False
+    for group in optimizer.param_groups:
+        for j, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][j], found = new, True
+    if not found:
+        raise ValueError(f"a resized ElaLoRA parameter {tuple(old.shape)} is not in the optimizer ({name})")
+    state = optimizer.state.pop(old, None)
+    if not state:
+        return
+    carried: dict[str, Any] = {}
+    for key, v in state.items():
+        if isinstance(v, Tensor) and v.shape == old.shape:
+            carried[key] = remap(v, keep, grow, dim)
+        elif not isinstance(v, Tensor) or v.numel() == 1:
+            carried[key] = v
+        else:
+            raise ValueError(
+                f"cannot carry the {name} state {key!r} of shape {tuple(v.shape)} through a rank change of a "
+                f"{tuple(old.shape)} parameter; use an optimizer with per-element state (AdamW, Adam, SGD)"
+            )
+    optimizer.state[new] = carried
+
+
+class ElaLoRAAllocator(Allocator):
+    """ElaLoRA's allocator (https://arxiv.org/abs/2504.00254), as ``loralib/loralib/elalora.py::RankAllocator``.
+
+    Per step (0-based ``step`` = optimizer steps before this one, the reference's ``global_step``):
+
+    * ``before_step``: the gradient of ``reg_orth_coef · mean over the 2L matrices of (||AAᵀ - I||_F,
+      ||BᵀB - I||_F)`` is added to ``.grad`` (the reference's ``compute_orth_regu``, added to the loss:
+      it divides by the count of A and B matrices, AdaLoRA's ``orth_penalty``).
+    * ``step``, while ``step < total_steps - final_warmup``: ``I = |p ⊙ ∇p|`` of every A, E, B entry, the
+      EMAs ``Ī`` (``beta1``), ``Ū`` (``beta2``), element score ``Ī · Ū``, triplet score per rank
+      (AdaLoRA's ``smooth`` / ``triplet_scores``); ``b = b_at(step)`` when ``enable_scheduler`` (else
+      ``b``); when ``step > init_warmup``, ``(step - init_warmup) % mask_interval == 0`` and ``b > 0``:
+      ``plan_changes`` then, per changed matrix, prune (rows of A, entries of E, columns of B and the
+      same slices of the EMAs) and grow (``ElaLoRA.grow``: new A row ``normalize(v - AᵀAv)``, B column
+      ``normalize(u - BBᵀu)``, ``E = min(min|E|, 1e-13)``, zero EMAs). After the last budgeting step the
+      ranks stay fixed.
+    * The optimizer is fixed in place: each replaced Parameter takes the old one's slot in its param
+      group, and its state keeps the surviving rows (zeros for new ones, ``step`` kept) (``carry_optimizer``).
+      The reference rebuilds the optimizer and loses all its state at every change; that is not copied.
+
+    Defaults: ``b = 4``, ``k = 2``, ``enable_scheduler = True`` (``NLU/scripts/run_debertav3_*.sh``),
+    ``beta1 = beta2 = 0.85`` and ``reg_orth_coef = 0.1`` (``run_glue.py``). The scripts' ``init_warmup`` /
+    ``final_warmup`` (300..1000, mostly 500) and ``mask_interval`` (50..500, mostly 100) are step counts
+    for runs of a few thousand steps; here None means ``min(500, total_steps // 5)`` for both warm-ups
+    and ``min(100, max(1, total_steps // 25))`` for the interval, so that short runs still reallocate.
+
+    Decisions: exactly the ``n`` smallest pooled offers are pruned (the reference prunes, in each owner,
+    all offers ``<= τ``, which is the same set unless scores tie); ``n = min(b, pooled offers)`` (the
+    reference's ``topk`` fails when fewer than b offers exist, e.g. when most matrices are at rank 1),
+    so the total rank is conserved by every update: n pruned, n grown. A matrix at rank 1 offers nothing
+    (``k_eff = 0``), so it never grows either (as the reference). The reference's ``target_rank`` is
+    unused there and absent here. Random directions come from a CPU ``torch.Generator`` seeded with
+    ``seed`` whose state is in ``state_dict``, so a resumed run reallocates identically. Trainable
+    A / E / B without a gradient count as zero sensitivity. Under DDP every process holds the same
+    parameters, gradients and generator (same ``seed``), so all would take the same decisions; but DDP's
+    buckets and FSDP's shards keep the replaced Parameters: with several processes the loop must rebuild
+    its DDP wrapper after every step that sets ``resized`` and say so with ``ddp_rewrap=True``
+    (``loraplex.finetune`` does; tested on 2 processes), else the allocator refuses to start rather than
+    silently train stale tensors. FSDP is not supported. ``at_budget`` is the base class's: the total
+    rank is conserved (the parameter count moves a little when layers of different sizes trade ranks).
+
+    Args:
+        model: a model carrying ``elalora`` adapters.
+        total_steps: optimizer steps of the whole run.
+        b: ranks pruned and grown per update (at the start of the schedule).
+        k: the most ranks one matrix offers for pruning per update.
+        init_warmup, final_warmup: steps without changes at the start and at the end (None: see above).
+        mask_interval: steps between two updates (None: see above).
+        beta1, beta2: EMA factors of sensitivity and uncertainty, in (0, 1).
+        reg_orth_coef: weight of the orthogonality regulariser (>= 0).
+        enable_scheduler: decay b along ``b_at``; False keeps b fixed.
+        seed: seed of the generator of new directions.
+        name: the adapter name to allocate (None: the only ElaLoRA adapter name).
+        ddp_rewrap: the loop rebuilds its DDP wrapper after resizes (required with several processes).
+
+    Example:
+        >>> import loraplex
+        >>> model = loraplex.adapt(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), "elalora", rank=4)
+        >>> alloc = ElaLoRAAllocator(model, total_steps=100)
+        >>> alloc.ranks(), alloc.init_warmup, alloc.final_warmup, alloc.mask_interval
+        ({'0': 4, '1': 4}, 20, 20, 4)
+    """
+
+    name = "elalora"
+    resizes = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        *,
+        b: int = 4,
+        k: int = 2,
+        init_warmup: int | None = None,
+        final_warmup: int | None = None,
+        mask_interval: int | None = None,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        reg_orth_coef: float = 0.1,
+        enable_scheduler: bool = True,
+        seed: int = 0,
+        name: str | None = None,
+        ddp_rewrap: bool = False,
+    ) -> None:
+        super().__init__(model, total_steps)
+        dist = torch.distributed
+        if not ddp_rewrap and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "the elalora allocator replaces parameters when it resizes, which a DDP wrapper does not see: "
+                f"with {dist.get_world_size()} processes, rebuild the wrapper whenever `resized` is True and pass "
+                "ddp_rewrap=True (loraplex.finetune does both)"
+            )
+        # by method name, not isinstance: doctests import this module a second time (--import-mode=importlib)
+        found = [(n, a) for n, a in adapters(model) if a.method == ElaLoRA.method]
+        names = sorted({a.name for _, a in found})
+        if not found:
+            methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
+            raise ValueError(
+                f"the elalora allocator needs a model with elalora adapters (loraplex.adapt(model, 'elalora')); "
+                f"this model has: {', '.join(methods)}"
+            )
+        if name is None and len(names) > 1:
+            raise ValueError(f"the model has several elalora adapters {names}; pass name=")
+        if name is not None and name not in names:
+            raise ValueError(f"name={name!r} is not one of the model's elalora adapters {names}")
+        chosen = names[0] if name is None else name
+        self.layers: dict[str, ElaLoRA] = {n: cast(ElaLoRA, a) for n, a in found if a.name == chosen}
+        self.b0, self.k = check_int("b", b), check_int("k", k)
+        warm = min(500, total_steps // 5)
+        self.init_warmup = check_int("init_warmup", warm if init_warmup is None else init_warmup, low=0)
+        self.final_warmup = check_int("final_warmup", warm if final_warmup is None else final_warmup, low=0)
+        interval = min(100, max(1, total_steps // 25))
+        self.mask_interval = check_int("mask_interval", interval if mask_interval is None else mask_interval)
+        if self.init_warmup + self.final_warmup >= total_steps:
+            raise ValueError(
+                f"init_warmup={self.init_warmup} + final_warmup={self.final_warmup} must be < total_steps="
+                f"{total_steps}: no budgeting phase is left"
+            )
+        for key, beta in (("beta1", beta1), ("beta2", beta2)):
+            if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < 1:
+                raise ValueError(f"{key}={beta!r} must be a number in (0, 1)")
+        ok = isinstance(reg_orth_coef, int | float) and not isinstance(reg_orth_coef, bool)
+        if not ok or not math.isfinite(reg_orth_coef) or reg_orth_coef < 0:
+            raise ValueError(f"reg_orth_coef={reg_orth_coef!r} must be a finite number >= 0")
+        if not isinstance(enable_scheduler, bool):
+            raise ValueError(f"enable_scheduler={enable_scheduler!r} must be True or False")
+        self.beta1, self.beta2, self.reg_orth_coef = float(beta1), float(beta2), float(reg_orth_coef)
+        self.enable_scheduler = enable_scheduler
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
+        self.avg: dict[str, dict[str, Tensor]] = {}  # layer -> part -> sensitivity EMA
+        self.unc: dict[str, dict[str, Tensor]] = {}  # layer -> part -> uncertainty EMA
+
+    def b_now(self, step: int) -> int:
+        if not self.enable_scheduler:
+            return self.b0
+        return b_at(
+            step, b0=self.b0, init_warmup=self.init_warmup, final_warmup=self.final_warmup, total=self.total_steps
+        )
+
+    def before_step(self) -> None:
+        if self.reg_orth_coef == 0:
+            return
+        params = [(a.A, a.B) for a in self.layers.values() if a.A.requires_grad and a.B.requires_grad]
+        if params:
+            (self.reg_orth_coef * orth_penalty(params)).backward()
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        for n, a in self.layers.items():
+            avg, unc = self.avg.setdefault(n, {}), self.unc.setdefault(n, {})
+            for part in PARTS:
+                p = getattr(a, part)
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                ipt = (p * grad).abs()
+                zero = torch.zeros_like(p)
+                avg[part], unc[part] = smooth(ipt, avg.get(part, zero), unc.get(part, zero), self.beta1, self.beta2)
+
+    def scores(self) -> list[Tensor]:
+        """The triplet score of every rank, per layer (in ``self.layers`` order)."""
+        return [triplet_scores(*(self.avg[n][p] * self.unc[n][p] for p in PARTS)) for n in self.layers]
+
+    @torch.no_grad()
+    def reallocate(self, optimizer: torch.optim.Optimizer, b: int) -> None:
+        """One rank update with ``b`` (``plan_changes``), the EMAs and the optimizer state carried along."""
+        prune, grow = plan_changes(self.scores(), self.k, b)
+        for (n, a), drop, more in zip(self.layers.items(), prune, grow, strict=True):
+            if drop.numel() == 0 and more == 0:
+                continue
+            self.resized = True
+            old = {p: getattr(a, p) for p in PARTS}
+            mask = torch.ones(a.current_rank, dtype=torch.bool)
+            mask[drop] = False
+            keep = mask.nonzero().view(-1)
+            if drop.numel():
+                a.prune(keep)
+            for _ in range(more):
+                a.grow(self.generator)
+            for p in PARTS:
+                dim = RANK_DIM[p]
+                self.avg[n][p] = remap(self.avg[n][p], keep, more, dim)
+                self.unc[n][p] = remap(self.unc[n][p], keep, more, dim)
+                carry_optimizer(optimizer, old[p], getattr(a, p), keep, more, dim)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.t
+        self.t += 1
+        self.resized = False
+        if step >= self.total_steps - self.final_warmup:
+            return
+        self.update_importance()
+        b = self.b_now(step)
+        if step > self.init_warmup and (step - self.init_warmup) % self.mask_interval == 0 and b > 0:
+            self.reallocate(optimizer, b)
+
+    def ranks(self) -> dict[str, int]:
+        """The current rank of every layer (the rows of its A)."""
+        return {n: a.current_rank for n, a in self.layers.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "avg": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.avg.items()},
+            "unc": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.unc.items()},
+            "generator": self.generator.get_state().to(torch.int64),  # int64: plain safetensors dtypes only
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("avg", "unc"):
+            unknown = set(state[key]) - set(self.layers)
+            if unknown:
+                raise ValueError(f"allocator state {key!r} names layers {sorted(unknown)} this model lacks")
+            for n, parts in state[key].items():
+                for p, v in parts.items():
+                    mine = getattr(self.layers[n], p)
+                    if tuple(v.shape) != tuple(mine.shape):
+                        raise ValueError(
+                            f"allocator state {key!r} of {n}.{p} has shape {tuple(v.shape)}, the model's is "
+                            f"{tuple(mine.shape)} (load the model saved with this state first)"
+                        )
+
+        def place(d: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+            out = {}
+            for n, parts in d.items():
+                out[n] = {k: v.to(getattr(self.layers[n], k).device, torch.float32).clone() for k, v in parts.items()}
+            return out
+
+        self.avg, self.unc = place(state["avg"]), place(state["unc"])
+        self.generator.set_state(state["generator"].to("cpu", torch.uint8))
+        super().load_state_dict(state)

