@@ -66,6 +66,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         targets=_targets(args.targets),
         train=[t for t in args.train.split(",") if t],
         optimizer=args.optimizer,
+        optimizer_options=_options(args.optimizer_option),
         allocator=args.allocator,
         allocator_options=_options(args.allocator_option),
         epochs=args.epochs,
@@ -141,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")
     f.add_argument("--train", default="classifier", help="comma-separated modules trained in full")
     f.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    f.add_argument("--optimizer-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. ratio=16")
     f.add_argument("--allocator", default="none", choices=allocator_names(), help="rank allocation")
     f.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE", help="allocator option")
     f.add_argument("--epochs", type=float, default=3.0)

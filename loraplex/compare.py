@@ -3,7 +3,8 @@
 For each method the size option (``Adapter.size_option``: LoRA's ``rank``, C3A's ``block_size``,
 ...) is set to the value whose adapter-parameter count on the targeted layers is closest to the
 budget (ties: the smaller value). ``METHOD@ALLOCATOR`` entries (``lora@gora``,
-``adalora@adalora``) run with rank allocation, the budget then being the final size. Methods with
+``adalora@adalora``) run with rank allocation, the budget then being the final size;
+``METHOD/OPTIMIZER`` entries (``lora/lora-plus``) with another optimizer. Methods with
 no size option (a fixed count, e.g. ``circulant``) run as they are. The budget counts adapter
 parameters only: the classification head, trained in full by every method, is the same for all
 and reported apart. A method adapts the targeted layers it can take with its default options
@@ -75,22 +76,28 @@ class Plan:
     adapter_params: int
     allocator: str = "none"
     allocator_options: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adamw"
 
     @property
     def label(self) -> str:
-        return self.method if self.allocator == "none" else f"{self.method}@{self.allocator}"
+        label = self.method if self.allocator == "none" else f"{self.method}@{self.allocator}"
+        return label if self.optimizer == "adamw" else f"{label}/{self.optimizer}"
 
 
-def split_entry(entry: str) -> tuple[str, str]:
-    """``"adalora@adalora"`` -> ``("adalora", "adalora")``; ``"lora"`` -> ``("lora", "none")``."""
-    from loraplex.train import allocator_names
+def split_entry(entry: str) -> tuple[str, str, str]:
+    """``METHOD[@ALLOCATOR][/OPTIMIZER]``: ``"adalora@adalora"`` -> ``("adalora", "adalora", "adamw")``,
+    ``"lora/lora-plus"`` -> ``("lora", "none", "lora-plus")``."""
+    from loraplex.train import OPTIMIZERS, allocator_names
 
+    entry, _, optimizer = entry.partition("/")
+    if optimizer and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} (in {entry!r}) is not one of: {', '.join(OPTIMIZERS)}")
     method, _, allocator = entry.partition("@")
     if method not in METHODS:
         raise ValueError(f"method {method!r} (in {entry!r}) is not registered: {', '.join(METHODS)}")
     if allocator and allocator not in allocator_names():
         raise ValueError(f"allocator {allocator!r} (in {entry!r}) is not one of: {', '.join(allocator_names())}")
-    return method, allocator or "none"
+    return method, allocator or "none", optimizer or "adamw"
 
 
 def plan(entry: str, model: nn.Module, targets: Targets, budget: int) -> Plan:
@@ -101,11 +108,11 @@ def plan(entry: str, model: nn.Module, targets: Targets, budget: int) -> Plan:
     """
     from loraplex.rank import ALLOCATORS
 
-    method, allocator = split_entry(entry)
+    method, allocator, optimizer = split_entry(entry)
     p = _plan(method, model, targets, budget)
     if allocator in ALLOCATORS:
         p.options, p.allocator_options = ALLOCATORS[allocator].at_budget(p.options)
-    p.allocator = allocator
+    p.allocator, p.optimizer = allocator, optimizer
     return p
 
 
@@ -177,6 +184,8 @@ def run_one(cfg: CompareConfig, p: Plan, seed: int, out: Path) -> dict[str, Any]
                 cmd += [flag, value]
         for k, v in p.options.items():
             cmd += ["--option", f"{k}={json.dumps(v)}"]
+        if p.optimizer != "adamw":
+            cmd += ["--optimizer", p.optimizer]
         if p.allocator != "none":
             cmd += ["--allocator", p.allocator]
             cmd += [x for k, v in p.allocator_options.items() for x in ("--allocator-option", f"{k}={json.dumps(v)}")]
@@ -277,7 +286,8 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     print(f"budget {budget:,} adapter parameters; " + "; ".join(f"{p.label} {p.options}" for p in plans))
     rows = []
     for p in plans:
-        runs = [run_one(cfg, p, seed, out / f"{p.label.replace('@', '-at-')}-seed{seed}") for seed in range(cfg.seeds)]
+        folder = p.label.replace("@", "-at-").replace("/", "-with-")
+        runs = [run_one(cfg, p, seed, out / f"{folder}-seed{seed}") for seed in range(cfg.seeds)]
         rows.append(summarise(p, runs))
     md = table(rows, budget)
     note = f"\n\nBudget {budget:,} adapter parameters, {cfg.epochs:g} epoch(s), {cfg.seeds} seed(s)"

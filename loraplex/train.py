@@ -61,6 +61,7 @@ class FinetuneConfig:
     targets: Targets = "all-linear"
     train: list[str] = field(default_factory=lambda: ["classifier"])
     optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     allocator: str = "none"
     allocator_options: dict[str, Any] = field(default_factory=dict)
     epochs: float = 3.0
@@ -92,10 +93,26 @@ def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer
 
 
 # Extension points: ``--optimizer`` and ``--allocator`` choose from these (later issues register more).
+def _adamw(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer_options:
+        raise ValueError(f"optimizer 'adamw' takes no options, got {sorted(cfg.optimizer_options)}")
+    return (torch.optim.AdamW if cfg.fsdp else make_adamw)(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay)
+
+
+def _lora_plus(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    from loraplex.optim import lora_plus
+
+    if len(groups) > 1:
+        raise ValueError("optimizer 'lora-plus' sets its own learning-rate groups: drop head_lr")
+    if unknown := sorted(set(cfg.optimizer_options) - {"ratio"}):
+        raise ValueError(f"optimizer 'lora-plus' takes the option 'ratio', not {unknown}")
+    plus = lora_plus(model, groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
+    return (torch.optim.AdamW if cfg.fsdp else make_adamw)(plus, lr=groups[0]["lr"])
+
+
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adamw": lambda model, groups, cfg: (torch.optim.AdamW if cfg.fsdp else make_adamw)(
-        groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay
-    ),
+    "adamw": _adamw,
+    "lora-plus": _lora_plus,
 }
 
 

@@ -244,7 +244,10 @@ def test_plan_with_an_allocator_budgets_the_final_size() -> None:
     final = ada.allocator_options["target_r"]
     assert ada.options["rank"] == max(final + 1, -(-3 * final // 2))  # starts at ceil(1.5 r), PEFT's 12 -> 8
     assert ada.adapter_params == count("adalora", [(16, 16)] * 4 + [(16, 40), (40, 16)], {"rank": final})
-    for bad, message in [("nope@gora", "method 'nope'"), ("lora@nope", "allocator 'nope'")]:
+    plus = plan("lora/lora-plus", model, "all-linear", 700)
+    assert (plus.options, plus.optimizer, plus.label) == (lora.options, "lora-plus", "lora/lora-plus")
+    bad_entries = [("nope@gora", "method 'nope'"), ("lora@nope", "allocator 'nope'"), ("lora/x", "optimizer 'x'")]
+    for bad, message in bad_entries:
         with pytest.raises(ValueError, match=message):
             plan(bad, model, "all-linear", 700)
 
@@ -263,3 +266,13 @@ def test_trainer_runs_an_allocator_through_the_callback(tmp_path) -> None:
     assert len(ranks) == 37 and sum(ranks.values()) < 12 * 37  # masking happened inside Trainer's loop
     zeros = [int((a.E == 0).sum()) for _, a in loraplex.adapters(got["model"])]
     assert sum(zeros) == 12 * 37 - sum(ranks.values())  # the masked ranks are exactly the zero entries of E
+
+
+@pytest.mark.slow
+def test_finetune_with_lora_plus(small: Path, tmp_path, capsys) -> None:
+    out = tmp_path / "plus"
+    assert main(finetune_args(small, out, "--optimizer", "lora-plus", "--optimizer-option", "ratio=4")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["optimizer"] == "lora-plus" and metrics["steps"] == 3
+    args = finetune_args(small, tmp_path / "bad", "--optimizer", "lora-plus", "--head-lr", "1e-2")
+    assert main(args) == 2 and "drop head_lr" in capsys.readouterr().err
