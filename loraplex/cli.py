@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune a local HuggingFace model for text classification")
     _data_args(f)
-    f.add_argument("--method", default="lora", choices=sorted(METHODS))
+    f.add_argument("--method", default="lora", choices=[*sorted(METHODS), "full"], help="full: full fine-tuning")
     f.add_argument("--rank", type=int)
     f.add_argument("--alpha", type=float)
     f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any method option")

@@ -26,13 +26,15 @@ from torch import nn
 from loraplex.adapters import METHODS
 from loraplex.checkpoint import load_checkpoint, save_checkpoint
 from loraplex.data import Split, load_splits
-from loraplex.inject import Targets, adapt, advance, count_trainable
+from loraplex.inject import Targets, adapt, add_trained, advance, count_trainable
 from loraplex.io import load, save, tensors_of, write_json
 from loraplex.rank import ALLOCATORS
 from loraplex.rank.report import adapter_ranks, heatmap
 from loraplex.rank.report import table as rank_table
 
 CHECKPOINT = "checkpoint"
+FULL = "full"  # --method full: full fine-tuning, the reference the low-rank methods are compared with
+FULL_LR = 2e-5  # BERT's fine-tuning range (Devlin et al.: 2e-5..5e-5)
 
 
 def default_model_path() -> Path:
@@ -272,8 +274,10 @@ def _gora(model: nn.Module, cfg: FinetuneConfig, batches: list[dict[str, Any]]) 
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    if cfg.method not in METHODS:
-        raise ValueError(f"method={cfg.method!r} is not one of: {', '.join(METHODS)}")
+    if cfg.method not in METHODS and cfg.method != FULL:
+        raise ValueError(f"method={cfg.method!r} is not one of: {', '.join([*METHODS, FULL])}")
+    if cfg.method == FULL and (cfg.options or cfg.allocator != "none" or cfg.optimizer != "adamw"):
+        raise ValueError("method='full' (full fine-tuning) takes no method options, allocator or LoRA optimizer")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
     if cfg.allocator != "none" and cfg.allocator not in ALLOCATORS and cfg.allocator != "gora":
@@ -329,13 +333,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         n = min(int(cfg.allocator_options.get("n_steps") or 8), steps_per_epoch)
         pre = [batch_indices(cfg.seed, 0, k, len(rows_train), cfg.batch_size, world) for k in range(n)]
         _gora(model, cfg, [_collate(tokenizer, rows_train, train.labels, rows, device) for rows in pre])
+    elif cfg.method == FULL:  # every parameter trains; saved as one "train" module, the root
+        add_trained(model, [""])
     else:
         adapt(model, cfg.method, targets=cfg.targets, train=cfg.train, **cfg.options)
     model.to(device)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = count_trainable(model)
     wrapped = _wrap(model, world, device, cfg.fsdp)  # FSDP replaces parameters: build the optimizer after
-    lr = cfg.lr if cfg.lr is not None else METHODS[cfg.method].default_lr
+    lr = cfg.lr if cfg.lr is not None else (FULL_LR if cfg.method == FULL else METHODS[cfg.method].default_lr)
     head = {id(p) for t in cfg.train for p in model.get_submodule(t).parameters()} if cfg.head_lr else set()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in head], "lr": lr}]
@@ -407,6 +413,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         peak_memory_mib=round(peak_memory_mib(device), 1),
         peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         final_loss=sum(losses[-cfg.log_every :]) / max(1, len(losses[-cfg.log_every :])),
+        losses=[round(v, 5) for v in losses],  # per step of this invocation (loss curves)
         processes=world.size,
         ranks_in_sync=in_sync,
         labels=names,

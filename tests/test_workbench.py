@@ -276,3 +276,16 @@ def test_finetune_with_lora_plus(small: Path, tmp_path, capsys) -> None:
     assert metrics["config"]["optimizer"] == "lora-plus" and metrics["steps"] == 3
     args = finetune_args(small, tmp_path / "bad", "--optimizer", "lora-plus", "--head-lr", "1e-2")
     assert main(args) == 2 and "drop head_lr" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_baseline_saves_and_reloads(small: Path, tmp_path) -> None:
+    out = tmp_path / "full"
+    assert main(finetune_args(small, out, "--method", "full")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainable_params"] > 22_000_000 and len(metrics["losses"]) == 3
+    fresh = type_of_minilm()(loraplex.train.default_model_path())
+    before = fresh.bert.encoder.layer[0].attention.self.query.weight.clone()
+    loraplex.load(fresh, out)  # the root module saved as the one "train" module: every weight
+    assert not torch.equal(fresh.bert.encoder.layer[0].attention.self.query.weight, before)
+    assert main(finetune_args(small, tmp_path / "bad", "--method", "full", "--rank", "4")) == 2
