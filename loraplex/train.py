@@ -112,9 +112,22 @@ def _lora_plus(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConf
     return (torch.optim.AdamW if cfg.fsdp else make_adamw)(plus, lr=groups[0]["lr"])
 
 
+def _lora_pro(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    from loraplex.optim import LoRAPro
+
+    if cfg.fsdp:
+        raise ValueError("optimizer 'lora-pro' needs whole A, B factors: not with --fsdp")
+    if len(groups) > 1:
+        raise ValueError("optimizer 'lora-pro' sets its own parameter groups: drop head_lr")
+    if unknown := sorted(set(cfg.optimizer_options) - {"mode", "ridge"}):
+        raise ValueError(f"optimizer 'lora-pro' takes the options 'mode', 'ridge', not {unknown}")
+    return LoRAPro(model, lr=groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
+
+
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": _adamw,
     "lora-plus": _lora_plus,
+    "lora-pro": _lora_pro,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -289,3 +290,14 @@ def test_full_fine_tuning_baseline_saves_and_reloads(small: Path, tmp_path) -> N
     loraplex.load(fresh, out)  # the root module saved as the one "train" module: every weight
     assert not torch.equal(fresh.bert.encoder.layer[0].attention.self.query.weight, before)
     assert main(finetune_args(small, tmp_path / "bad", "--method", "full", "--rank", "4")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "low"])
+def test_finetune_with_lora_pro(mode: str, small: Path, tmp_path) -> None:
+    out = tmp_path / mode
+    assert main(finetune_args(small, out, "--optimizer", "lora-pro", "--optimizer-option", f"mode={mode}")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["optimizer_options"] == {"mode": mode} and all(map(math.isfinite, metrics["losses"]))
+    saved = load_file(out / "adapter.safetensors")
+    assert any(k.endswith(".B") and v.abs().max() > 0 for k, v in saved.items())  # B left zero: the step-0 case ran

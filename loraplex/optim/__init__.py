@@ -1,5 +1,6 @@
-"""Optimisers for low-rank adapters: LoRA+ parameter groups (and LoRA-Pro, see ``lorapro.py``)."""
+"""Optimisers for low-rank adapters: LoRA+ parameter groups and the LoRA-Pro optimiser."""
 
 from loraplex.optim.loraplus import lora_plus
+from loraplex.optim.lorapro import LoRAPro
 
-__all__ = ["lora_plus"]
+__all__ = ["LoRAPro", "lora_plus"]
