@@ -9,7 +9,7 @@ contract of ``loraplex.rank.base``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -74,6 +74,33 @@ def orth_penalty(matrices: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
             eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
             total = total + torch.norm(cov - eye, p="fro")
     return total / (2 * len(matrices))
+
+
+def add_orth_gradients(layers: Iterable[Any], weight: float) -> None:
+    """Back-propagate ``weight · orth_penalty`` of the layers' trainable (A, B) pairs into their ``.grad``."""
+    if weight == 0:
+        return
+    params = [(a.A, a.B) for a in layers if a.A.requires_grad and a.B.requires_grad]
+    if params:
+        (weight * orth_penalty(params)).backward()
+
+
+@torch.no_grad()
+def update_emas(
+    layers: dict[str, Any],
+    avg: dict[str, dict[str, Tensor]],
+    unc: dict[str, dict[str, Tensor]],
+    beta1: float,
+    beta2: float,
+) -> None:
+    """One ``smooth`` step of every layer's A, E, B sensitivity ``|p ⊙ ∇p|`` (no gradient: zero), in place."""
+    for n, a in layers.items():
+        lavg, lunc = avg.setdefault(n, {}), unc.setdefault(n, {})
+        for part in PARTS:
+            p = getattr(a, part)
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            zero = torch.zeros_like(p)
+            lavg[part], lunc[part] = smooth((p * grad).abs(), lavg.get(part, zero), lunc.get(part, zero), beta1, beta2)
 
 
 class AdaLoRAAllocator(Allocator):
@@ -196,22 +223,10 @@ class AdaLoRAAllocator(Allocator):
         )
 
     def before_step(self) -> None:
-        if self.orth_reg_weight == 0:
-            return
-        params = [(a.A, a.B) for a in self.layers.values() if a.A.requires_grad and a.B.requires_grad]
-        if params:
-            (self.orth_reg_weight * orth_penalty(params)).backward()
+        add_orth_gradients(self.layers.values(), self.orth_reg_weight)
 
-    @torch.no_grad()
     def update_importance(self) -> None:
-        for n, a in self.layers.items():
-            avg, unc = self.avg.setdefault(n, {}), self.unc.setdefault(n, {})
-            for part in PARTS:
-                p = getattr(a, part)
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                ipt = (p * grad).abs()
-                zero = torch.zeros_like(p)
-                avg[part], unc[part] = smooth(ipt, avg.get(part, zero), unc.get(part, zero), self.beta1, self.beta2)
+        update_emas(self.layers, self.avg, self.unc, self.beta1, self.beta2)
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from loraplex.adapter import check_int
 from loraplex.adapters.elalora import RANK_DIM, ElaLoRA
 from loraplex.inject import adapters
-from loraplex.rank.adalora import PARTS, orth_penalty, smooth, triplet_scores
+from loraplex.rank.adalora import PARTS, add_orth_gradients, triplet_scores, update_emas
 from loraplex.rank.base import Allocator
 
 
@@ -250,22 +250,10 @@ class ElaLoRAAllocator(Allocator):
         )
 
     def before_step(self) -> None:
-        if self.reg_orth_coef == 0:
-            return
-        params = [(a.A, a.B) for a in self.layers.values() if a.A.requires_grad and a.B.requires_grad]
-        if params:
-            (self.reg_orth_coef * orth_penalty(params)).backward()
+        add_orth_gradients(self.layers.values(), self.reg_orth_coef)
 
-    @torch.no_grad()
     def update_importance(self) -> None:
-        for n, a in self.layers.items():
-            avg, unc = self.avg.setdefault(n, {}), self.unc.setdefault(n, {})
-            for part in PARTS:
-                p = getattr(a, part)
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                ipt = (p * grad).abs()
-                zero = torch.zeros_like(p)
-                avg[part], unc[part] = smooth(ipt, avg.get(part, zero), unc.get(part, zero), self.beta1, self.beta2)
+        update_emas(self.layers, self.avg, self.unc, self.beta1, self.beta2)
 
     def scores(self) -> list[Tensor]:
         """The triplet score of every rank, per layer (in ``self.layers`` order)."""
