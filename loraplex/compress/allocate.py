@@ -1,0 +1,157 @@
+"""Rank selection for one-shot compression: per-layer rank, spectral energy, or a global parameter ratio.
+
+Every layer is described by its *spectrum of energies* ``e_1 >= e_2 >= ... >= 0``: the squared
+singular values of ``W`` for weight SVD (then the error of rank ``k`` is the Eckart–Young tail
+``||W - W_k||_F^2 = Σ_{i>k} σ_i²``), or the eigenvalues of the output covariance for the
+activation-aware decomposition (then the tail is the expected squared output error). The
+relative error of rank ``k`` is ``tail_k / Σ e``.
+
+``ratio`` allocation (not pinned down by LoRD, decided here): keep at most ``ratio`` of the targeted
+layers' weight parameters, minimising the **sum over layers of the relative errors**. A layer is
+either kept dense (its ``in * out`` parameters, error 0) or factorised at a rank ``k`` below the
+break-even rank (``k (in + out)`` parameters). The solver is the Lagrangian relaxation: for a
+multiplier ``λ`` each layer independently picks ``argmin err_l(k) + λ params_l(k)``; bisection on
+``λ`` finds the cheapest multiplier whose choice fits the budget; the budget left over is then filled
+greedily, one rank at a time, by the step with the largest error decrease per parameter. The result
+always fits the budget and is never worse than the relaxation's point on the lower convex hull.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DENSE = -1  # the "rank" of a layer left as it is
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """One layer for the allocator: its weight shape and descending energies (length ``min(in, out)``)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    energies: np.ndarray
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank that saves parameters: ``k (in + out) < in * out``."""
+        return min(len(self.energies), (self.dense_params - 1) // (self.in_features + self.out_features))
+
+    def relative_errors(self) -> np.ndarray:
+        """``err[k]`` = relative tail energy after keeping ``k`` components, ``k = 0 .. len``."""
+        e = np.clip(np.asarray(self.energies, dtype=np.float64), 0.0, None)
+        total = e.sum()
+        if total <= 0:
+            return np.zeros(len(e) + 1)
+        tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])
+        return tail / total
+
+    def params(self, rank: int) -> int:
+        return self.dense_params if rank == DENSE else rank * (self.in_features + self.out_features)
+
+
+def energy_rank(energies: np.ndarray, energy: float) -> int:
+    """Smallest ``k`` whose leading energies reach the fraction ``energy`` of the total (1 for a zero layer)."""
+    e = np.clip(np.asarray(energies, dtype=np.float64), 0.0, None)
+    total = e.sum()
+    if total <= 0:
+        return 1
+    kept = np.cumsum(e) / total
+    return int(min(len(e), np.searchsorted(kept, energy * (1 - 1e-12)) + 1))
+
+
+def check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+    return float(value)
+
+
+def by_energy(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
+    """Each layer's energy rank, or ``DENSE`` where that rank saves no parameters."""
+    check_fraction("energy", energy)
+    out = {}
+    for s in layers:
+        k = energy_rank(s.energies, energy)
+        out[s.name] = k if k <= s.max_rank else DENSE
+    return out
+
+
+def by_rank(layers: Sequence[LayerSpectrum], rank: int | dict[str, int]) -> dict[str, int]:
+    """The given rank (one for all, or per layer name), or ``DENSE`` where it saves no parameters."""
+    out = {}
+    for s in layers:
+        k = rank.get(s.name, DENSE) if isinstance(rank, dict) else rank
+        if isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != DENSE):
+            raise ValueError(f"rank={k!r} for layer {s.name!r} must be a positive integer")
+        out[s.name] = k if k != DENSE and k <= s.max_rank else DENSE
+    return out
+
+
+def _choose(layers: Sequence[LayerSpectrum], errs: list[np.ndarray], lam: float) -> list[int]:
+    picks = []
+    for s, err in zip(layers, errs, strict=True):
+        ks = np.arange(1, s.max_rank + 1)
+        best, cost = DENSE, lam * s.dense_params
+        if len(ks):
+            scores = err[ks] + lam * ks * (s.in_features + s.out_features)
+            i = int(np.argmin(scores))
+            if scores[i] < cost:
+                best = int(ks[i])
+        picks.append(best)
+    return picks
+
+
+def by_ratio(layers: Sequence[LayerSpectrum], ratio: float) -> dict[str, int]:
+    """Ranks that keep at most ``ratio`` of the layers' weight parameters at the least total relative error."""
+    check_fraction("ratio", ratio)
+    total = sum(s.dense_params for s in layers)
+    budget = ratio * total
+    floor = sum(s.params(1) if s.max_rank >= 1 else s.dense_params for s in layers)
+    if floor > budget:
+        raise ValueError(
+            f"ratio={ratio} keeps {budget:.0f} of {total} parameters, below the smallest factorisation "
+            f"(every layer at rank 1: {floor}, ratio {floor / total:.4f})"
+        )
+    errs = [s.relative_errors() for s in layers]
+
+    def size(picks: list[int]) -> int:
+        return sum(s.params(k) for s, k in zip(layers, picks, strict=True))
+
+    lo, hi = 0.0, 1.0
+    while size(_choose(layers, errs, hi)) > budget:
+        hi *= 4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(_choose(layers, errs, mid)) > budget else (lo, mid)
+    picks = _choose(layers, errs, hi)
+    left = budget - size(picks)
+    while True:  # greedy fill: one rank (or the jump to dense) at a time, best error drop per parameter
+        best, gain = None, 0.0
+        for i, (s, k) in enumerate(zip(layers, picks, strict=True)):
+            if k == DENSE:
+                continue
+            nxt = k + 1 if k < s.max_rank else DENSE
+            extra = s.params(nxt) - s.params(k)
+            drop = errs[i][k] - (0.0 if nxt == DENSE else errs[i][nxt])
+            if extra <= left and drop / max(extra, 1) > gain:
+                best, gain = i, drop / max(extra, 1)
+        if best is None:
+            break
+        k = picks[best]
+        s = layers[best]
+        nxt = k + 1 if k < s.max_rank else DENSE
+        left -= s.params(nxt) - s.params(k)
+        picks[best] = nxt
+    return {s.name: k for s, k in zip(layers, picks, strict=True)}
+
+
+def total_error(layers: Sequence[LayerSpectrum], ranks: dict[str, int]) -> float:
+    """Sum of the layers' relative errors at ``ranks`` (``DENSE`` layers add 0)."""
+    return float(sum(0.0 if ranks[s.name] == DENSE else s.relative_errors()[ranks[s.name]] for s in layers))

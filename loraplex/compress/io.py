@@ -1,0 +1,156 @@
+"""Saving and loading compressed models: ``compression.json`` + ``model.safetensors``, never a pickle.
+
+A compressed folder holds:
+
+* ``model.safetensors``: the whole ``state_dict`` of the compressed model (factorised layers as
+  ``<name>.down.weight`` / ``<name>.up.weight`` / ``<name>.up.bias``);
+* ``compression.json``: the format tag, the model class name, the dtype, and every factorised layer
+  with its shape and rank (``{"kind": "lowrank", "in": .., "out": .., "rank": .., "bias": ..}``);
+* for a HuggingFace model, its ``config.json`` (and whatever the caller adds, e.g. the tokenizer).
+
+Both files are written atomically, the JSON last, so a folder with a ``compression.json`` is complete.
+
+Loading: ``load_compressed(directory)`` rebuilds a HuggingFace model from ``config.json`` and the
+class name (looked up in ``transformers``, never imported from a path); ``load_compressed(directory,
+model)`` puts the layers into a model you built (any ``nn.Module`` with the original architecture).
+When ``model`` is a wrapper around the saved class (``BertForSequenceClassification`` around a
+saved ``BertModel``), the structure and tensors go into that inner module, so a compressed encoder
+can be fine-tuned with a new head.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraplex.compress.layers import LowRankLinear
+from loraplex.io import atomic_write, read_json, read_tensors, write_json, write_tensors
+
+FORMAT = "loraplex-compressed"
+FORMAT_VERSION = 1
+SPEC_FILE = "compression.json"
+TENSOR_FILE = "model.safetensors"
+
+
+def is_compressed(directory: str | os.PathLike[str]) -> bool:
+    return (Path(directory) / SPEC_FILE).is_file()
+
+
+def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The factorised layers of ``model`` as JSON: ``{name: {kind, in, out, rank, bias}}``."""
+    return {
+        name: {
+            "kind": "lowrank",
+            "in": m.in_features,
+            "out": m.out_features,
+            "rank": m.rank,
+            "bias": m.up.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankLinear)
+    }
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (compressed by :func:`loraplex.compress.compress`) to ``directory``; returns its path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    params = list(model.parameters())
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "float32"
+    spec = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "dtype": dtype,
+        "layers": structure(model),
+    }
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        text = config.to_json_string()
+        atomic_write(d / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_tensors(d / TENSOR_FILE, model.state_dict())
+    write_json(d / SPEC_FILE, spec)
+    return d
+
+
+def read_compression_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``compression.json`` of ``directory``."""
+    spec = read_json(Path(directory) / SPEC_FILE)
+    where = Path(directory) / SPEC_FILE
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a loraplex compressed model (format != {FORMAT!r})")
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: format_version={spec.get('format_version')!r}, this loraplex reads {FORMAT_VERSION}"
+        )
+    layers = spec.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{where}: 'layers' must be an object")
+    for name, entry in layers.items():
+        ok = isinstance(entry, dict) and entry.get("kind") == "lowrank"
+        ok = ok and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in ("in", "out", "rank"))
+        if not ok or not isinstance(entry.get("bias"), bool):
+            raise ValueError(f"{where}: layer {name!r} has a malformed entry {entry!r}")
+    if not isinstance(spec.get("model_class"), str) or not isinstance(spec.get("dtype"), str):
+        raise ValueError(f"{where}: 'model_class' and 'dtype' must be strings")
+    return spec
+
+
+def _hf_model(directory: Path, class_name: str) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError(f"{directory} holds a {class_name}: loading it needs transformers") from e
+    cls = getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"{directory}: model_class={class_name!r} is not a transformers model class; "
+            "pass the model to load_compressed(directory, model)"
+        )
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return cls(config)
+
+
+def _host(model: nn.Module, class_name: str) -> nn.Module:
+    if type(model).__name__ == class_name:
+        return model
+    for _, m in model.named_modules():
+        if type(m).__name__ == class_name:
+            return m
+    return model
+
+
+def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """The compressed model saved in ``directory`` (built from its config, or put into ``model``)."""
+    d = Path(directory)
+    spec = read_compression_spec(d)
+    dtype = getattr(torch, spec["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{d / SPEC_FILE}: dtype={spec['dtype']!r} is not a torch dtype")
+    if model is None:
+        model = _hf_model(d, spec["model_class"])
+    host = _host(model, spec["model_class"])
+    host.to(dtype)
+    for name, e in spec["layers"].items():
+        try:
+            old = host.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"{d}: layer {name!r} is not in the {type(host).__name__} given") from err
+        w = getattr(old, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"{d}: layer {name!r} of the model given is a {type(old).__name__}, not a linear layer")
+        shape = tuple(w.shape) if isinstance(old, nn.Linear) else tuple(w.shape[::-1])
+        if shape != (e["out"], e["in"]):
+            raise ValueError(f"{d}: layer {name!r} has weight shape {shape}, the file has ({e['out']}, {e['in']})")
+        new = LowRankLinear(e["in"], e["out"], e["rank"], bias=e["bias"], device=w.device, dtype=w.dtype)
+        host.set_submodule(name, new.train(old.training))
+    tensors = read_tensors(d / TENSOR_FILE)
+    try:
+        host.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{d / TENSOR_FILE} does not fit the {type(host).__name__}: {err}") from err
+    return model

@@ -1,0 +1,320 @@
+"""LoRD: one-shot low-rank decomposition of a model's linear layers (Kaushal, Vaidhya, Rish 2023).
+
+Paper: https://arxiv.org/abs/2309.14021. Each targeted linear layer ``y = W x + b``
+(``W`` of shape ``(out, in)``) becomes two, ``y = W1 (W2 x) + b'`` with ``W1 (out, r)``,
+``W2 (r, in)``, without retraining (:class:`~loraplex.compress.layers.LowRankLinear`). A layer is
+replaced only where ``r (in + out) < in * out``, i.e. where that saves parameters.
+
+The paper does not say how the factors are found (methods.md §13: "not pinned down"); both
+candidates are offered:
+
+* ``method="svd"`` (default): truncated SVD of the weight, ``W1 = U_r Σ_r^½``, ``W2 = Σ_r^½ V_rᵀ``,
+  ``b' = b``. By Eckart–Young this is the best rank-``r`` weight in Frobenius norm; the error is
+  ``sqrt(Σ_{i>r} σ_i²)``. The rank is chosen from the spectrum ``σ_i²``.
+* ``method="activation"``: principal components of the layer's *outputs* on calibration data.
+  With ``μ``, ``Σ_x`` the mean and covariance of the layer inputs, the output covariance is
+  ``C = W Σ_x Wᵀ``; with ``U_r`` its top-``r`` eigenvectors and ``P = U_r U_rᵀ``:
+  ``W1 = U_r``, ``W2 = U_rᵀ W``, ``b' = P b + (I - P) ȳ`` where ``ȳ = W μ + b``. So
+  ``ŷ = ȳ + P (y - ȳ)``, the best rank-``r`` affine reconstruction of the outputs (PCA): its
+  expected squared error is the eigenvalue tail ``Σ_{i>r} λ_i``, and the rank is chosen from ``λ``.
+  Statistics come from one pass of the calibration batches through the *original* model
+  (every layer sees uncompressed inputs); padded positions count like any other token.
+
+Rank selection (exactly one of; see :mod:`loraplex.compress.allocate`): ``rank`` (an int for
+every layer, or ``{layer name: rank}``), ``energy`` (keep that fraction of each layer's spectral
+energy), ``ratio`` (keep that fraction of the targeted weight parameters, spread across layers to
+minimise the sum of relative errors).
+
+SVD solver: ``solver="auto"`` computes the full thin SVD (LAPACK, float64 on CPU), except when
+the rank is given up front and small (``rank + oversample <= min(in, out) / 4``): then the
+randomized range finder (Halko, Martinsson, Tropp 2011; ``torch.svd_lowrank`` with 8 extra
+columns and 4 power iterations) is used, faster at an error within 1e-6 relative of the exact
+truncation on trained weights (``benchmarks/lord.py`` measures both).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from loraplex.adapter import is_linear, weight_of
+from loraplex.compress.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio
+from loraplex.compress.layers import LowRankLinear, split_factors, svd
+from loraplex.inject import Targets, resolve
+
+METHODS = ("svd", "activation")
+SOLVERS = ("auto", "full", "randomized")
+OVERSAMPLE, POWER_ITERS = 8, 4
+
+
+@dataclass
+class InputStats:
+    """Running first and second moments of a layer's inputs (float64)."""
+
+    count: int
+    total: Tensor  # (in,)
+    outer: Tensor  # (in, in)
+
+    def mean_cov(self) -> tuple[Tensor, Tensor]:
+        mean = self.total / self.count
+        return mean, self.outer / self.count - torch.outer(mean, mean)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`compress` did to one layer."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rank: int  # DENSE (-1) when the layer was kept
+    params_before: int
+    params_after: int
+    relative_error: float  # svd: ||W - W1 W2||_F / ||W||_F; activation: sqrt(output tail / total); 0 when kept
+
+
+def _check_linear_target(model: nn.Module, name: str) -> nn.Module:
+    layer = model.get_submodule(name)
+    if not is_linear(layer):
+        raise ValueError(f"layer {name!r} is a {type(layer).__name__}: compress targets linear layers only")
+    return layer
+
+
+def _run(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, tuple | list):
+        model(*batch)
+    else:
+        model(batch)
+
+
+@torch.no_grad()
+def input_stats(model: nn.Module, names: list[str], calibration: Iterable[Any]) -> dict[str, InputStats]:
+    """Input moments of the named layers over ``calibration`` batches (dicts -> ``model(**b)``, tuples, tensors)."""
+    stats: dict[str, InputStats] = {}
+    hooks = []
+
+    def hook(name: str, in_features: int) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, in_features).double()
+            s = stats.get(name)
+            if s is None:
+                z = x.new_zeros
+                s = stats[name] = InputStats(0, z(in_features), z(in_features, in_features))
+            s.count += x.shape[0]
+            s.total += x.sum(0)
+            s.outer += x.T @ x
+
+        return fn
+
+    for name in names:
+        layer = model.get_submodule(name)
+        hooks.append(layer.register_forward_pre_hook(hook(name, weight_of(layer).shape[1])))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calibration:
+            _run(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise ValueError(f"calibration never reached layer(s) {missing[:3]}: pass batches the model runs through them")
+    return stats
+
+
+def weight_energies(w: Tensor) -> Tensor:
+    """``σ_i²`` of ``w``, descending: eigenvalues of the smaller Gram matrix in float64.
+
+    Several times faster than ``svdvals``; the absolute error (~1e-16 σ_max²) does not matter
+    for choosing ranks, and the factors themselves always come from an SVD.
+    """
+    x = w.detach().double().cpu()
+    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def output_basis(w: Tensor, stats: InputStats) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, ``min(in, out)`` of them, clipped at 0) and eigenvectors of ``C = W Σ_x Wᵀ``."""
+    w64 = w.detach().double().cpu()
+    _, cov = stats.mean_cov()
+    c = w64 @ cov.cpu() @ w64.T
+    vals, vecs = torch.linalg.eigh((c + c.T) / 2)
+    k = min(w.shape)
+    return vals.flip(0)[:k].clamp_min(0), vecs.flip(1)[:, :k]
+
+
+def activation_factors(
+    w: Tensor, b: Tensor | None, stats: InputStats, vecs: Tensor, rank: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W1, W2, b')`` of the activation-aware decomposition at ``rank`` (see the module docstring)."""
+    w64 = w.detach().double().cpu()
+    u = vecs[:, :rank]
+    mean, _ = stats.mean_cov()
+    b64 = b.detach().double().cpu() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    y_mean = w64 @ mean.cpu() + b64
+    bias = u @ (u.T @ b64) + y_mean - u @ (u.T @ y_mean)
+    return u, u.T @ w64, bias
+
+
+def randomized_factors(w: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors from the randomized SVD (``OVERSAMPLE`` extra columns, ``POWER_ITERS`` iterations)."""
+    x = w.detach().double() if w.device.type == "cpu" else w.detach().float()
+    q = min(rank + OVERSAMPLE, *x.shape)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(x, q=q, niter=POWER_ITERS)
+    return split_factors(u, s, v.T, rank)
+
+
+def _use_randomized(solver: str, rank: int | dict[str, int] | None, shape: tuple[int, int]) -> bool:
+    if solver != "auto":
+        return solver == "randomized"
+    return isinstance(rank, int) and (rank + OVERSAMPLE) * 4 <= min(shape)
+
+
+def _check_args(rank: Any, energy: Any, ratio: Any, method: str, solver: str, calibration: Any) -> None:
+    given = [k for k, v in (("rank", rank), ("energy", energy), ("ratio", ratio)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of rank, energy, ratio (got {', '.join(given) or 'none'})")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} must be one of {', '.join(METHODS)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} must be one of {', '.join(SOLVERS)}")
+    if method == "activation" and calibration is None:
+        raise ValueError('method="activation" needs calibration batches (calibration=...)')
+    if method == "activation" and solver == "randomized":
+        raise ValueError('solver="randomized" applies to method="svd" only')
+
+
+def plan(
+    model: nn.Module,
+    *,
+    targets: Targets = "all-linear",
+    exclude: Targets | None = None,
+    rank: int | dict[str, int] | None = None,
+    energy: float | None = None,
+    ratio: float | None = None,
+    method: str = "svd",
+    calibration: Iterable[Any] | None = None,
+    solver: str = "auto",
+) -> list[Choice]:
+    """Compress the model in place and return what was done per layer (:func:`compress` returns the model)."""
+    _check_args(rank, energy, ratio, method, solver, calibration)
+    names = resolve(model, targets, exclude)
+    for n in names:
+        _check_linear_target(model, n)
+    stats = input_stats(model, names, calibration) if method == "activation" else {}
+    spectra, bases = [], {}
+    for n in names:
+        w = weight_of(model.get_submodule(n))
+        if method == "activation":
+            vals, vecs = output_basis(w, stats[n])
+            bases[n] = vecs
+            energies = vals.numpy()
+        elif rank is not None and not isinstance(rank, dict):
+            energies = np.zeros(min(w.shape))  # not needed to choose: skip the spectrum
+        else:
+            energies = weight_energies(w).numpy()
+        spectra.append(LayerSpectrum(n, w.shape[1], w.shape[0], energies))
+    if ratio is not None:
+        ranks = by_ratio(spectra, ratio)
+    elif energy is not None:
+        ranks = by_energy(spectra, energy)
+    else:
+        assert rank is not None
+        ranks = by_rank(spectra, rank)
+    choices = []
+    for s in spectra:
+        k = ranks[s.name]
+        layer = model.get_submodule(s.name)
+        err = 0.0
+        if k != DENSE:
+            w, b = weight_of(layer), layer.bias
+            if method == "activation":
+                up, down, bias = activation_factors(w, b, stats[s.name], bases[s.name], k)
+            elif _use_randomized(solver, rank, tuple(w.shape)):
+                up, down = randomized_factors(w, k)
+                bias = None
+            else:
+                up, down = split_factors(*svd(w), k)
+                bias = None
+            if method == "activation":
+                err = float(np.sqrt(s.relative_errors()[k]))
+            else:
+                w64 = w.detach().to(up.dtype)
+                err = float(torch.linalg.norm(w64 - up @ down) / torch.linalg.norm(w64).clamp_min(1e-300))
+            model.set_submodule(s.name, _lowrank(layer, w, k, up, down, bias))
+        choices.append(Choice(s.name, s.in_features, s.out_features, k, s.dense_params, s.params(k), err))
+    return choices
+
+
+def _lowrank(layer: nn.Module, w: Tensor, rank: int, up: Tensor, down: Tensor, bias: Tensor | None) -> LowRankLinear:
+    out, inp = w.shape
+    new = LowRankLinear(inp, out, rank, bias=layer.bias is not None or bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.up.weight.copy_(up)
+        new.down.weight.copy_(down)
+        if bias is not None:
+            new.up.bias.copy_(bias)
+        elif layer.bias is not None:
+            new.up.bias.copy_(layer.bias)
+    return new.train(layer.training).requires_grad_(w.requires_grad)
+
+
+def compress(
+    model: nn.Module,
+    *,
+    targets: Targets = "all-linear",
+    exclude: Targets | None = None,
+    rank: int | dict[str, int] | None = None,
+    energy: float | None = None,
+    ratio: float | None = None,
+    method: str = "svd",
+    calibration: Iterable[Any] | None = None,
+    solver: str = "auto",
+) -> nn.Module:
+    """Replace the targeted linear layers by low-rank ones (in place) where that saves parameters.
+
+    ``targets`` / ``exclude``: as :func:`loraplex.adapt` (``"all-linear"`` skips output heads).
+    Exactly one of ``rank``, ``energy``, ``ratio``; ``method`` ``"svd"`` or ``"activation"`` (with
+    ``calibration``: an iterable of batches, each a dict of model keyword arguments, a tuple of
+    positional arguments, or one tensor). Returns ``model``; :func:`plan` returns the per-layer report.
+
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> model = compress(model, targets=["0"], rank=4)
+    >>> model[0]
+    LowRankLinear(
+      in_features=64, out_features=64, rank=4
+      (down): Linear(in_features=64, out_features=4, bias=False)
+      (up): Linear(in_features=4, out_features=64, bias=True)
+    )
+    """
+    plan(
+        model,
+        targets=targets,
+        exclude=exclude,
+        rank=rank,
+        energy=energy,
+        ratio=ratio,
+        method=method,
+        calibration=calibration,
+        solver=solver,
+    )
+    return model
+
+
+def timed_plan(model: nn.Module, **kw: Any) -> tuple[list[Choice], float]:
+    """:func:`plan` and the seconds it took."""
+    start = time.perf_counter()
+    choices = plan(model, **kw)
+    return choices, time.perf_counter() - start

@@ -1,0 +1,311 @@
+"""LoRD one-shot compression: Eckart–Young, rank selection, activation-aware PCA, save / load, LoRD + LoRA."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import loraplex
+from loraplex.compress import LowRankConv2d, LowRankLinear, compress, load_compressed, plan, save_compressed
+from loraplex.compress.allocate import DENSE, LayerSpectrum, by_energy, by_ratio, total_error
+from loraplex.compress.lord import randomized_factors, weight_energies
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 24))
+
+
+def truncated(w: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense re-derivation with numpy: ``W_k`` and the singular values."""
+    u, s, vt = np.linalg.svd(w.detach().double().numpy(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vt[:k], s
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(2, 20), inp=st.integers(2, 20), seed=st.integers(0, 99), data=st.data())
+def test_factorised_layer_is_the_truncated_svd(out: int, inp: int, seed: int, data: st.DataObject) -> None:
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out).double()
+    k = data.draw(st.integers(1, min(out, inp)))
+    layer = LowRankLinear.from_linear(lin, k)
+    wk, s = truncated(lin.weight, k)
+    w = layer.dense_weight().detach().numpy()
+    np.testing.assert_allclose(w, wk, atol=1e-10)
+    # Eckart–Young: the Frobenius error is the spectral tail, the spectral error is sigma_{k+1}
+    diff = lin.weight.detach().numpy() - w
+    assert np.linalg.norm(diff) == pytest.approx(np.sqrt((s[k:] ** 2).sum()), abs=1e-9)
+    assert np.linalg.norm(diff, 2) == pytest.approx(s[k] if k < len(s) else 0.0, abs=1e-9)
+    # the two factors share the singular values evenly
+    np.testing.assert_allclose(layer.up.weight.norm(dim=0).detach().numpy(), np.sqrt(s[:k]), rtol=1e-9)
+    np.testing.assert_allclose(layer.down.weight.norm(dim=1).detach().numpy(), np.sqrt(s[:k]), rtol=1e-9)
+    x = torch.randn(3, inp, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ torch.from_numpy(wk).T + lin.bias)
+
+
+def test_conv_factorisation_uses_the_channel_scheme() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1).double()
+    low = LowRankConv2d.from_conv(conv, 5)
+    wk, _ = truncated(conv.weight.reshape(8, -1), 5)
+    np.testing.assert_allclose(low.dense_weight().detach().reshape(8, -1).numpy(), wk, atol=1e-10)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    ref = nn.functional.conv2d(x, torch.from_numpy(wk).reshape(8, 3, 3, 3), conv.bias, stride=2, padding=1)
+    torch.testing.assert_close(low(x), ref)
+    full = LowRankConv2d.from_conv(conv, 8)
+    torch.testing.assert_close(full(x), conv(x))
+    with pytest.raises(ValueError, match="groups=2 must be 1"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), 2)
+
+
+def test_rank_outside_the_layer_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"rank=9 must be an integer in \[1, min\(out, in\)\] = \[1, 8\]"):
+        LowRankLinear.from_linear(nn.Linear(8, 12), 9)
+
+
+def test_randomized_svd_matches_the_exact_truncation() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(200, 60) @ torch.diag(torch.logspace(0, -3, 60)) @ torch.linalg.qr(torch.randn(60, 60))[0]
+    up, down = randomized_factors(w, 6)
+    wk, s = truncated(w, 6)
+    exact = np.linalg.norm(w.double().numpy() - wk)
+    approx = float(torch.linalg.norm(w.double() - up @ down))
+    assert approx == pytest.approx(exact, rel=1e-6)
+
+
+def test_weight_energies_are_squared_singular_values() -> None:
+    w = torch.randn(30, 11)
+    np.testing.assert_allclose(weight_energies(w).numpy(), np.linalg.svd(w.double().numpy())[1] ** 2, rtol=1e-9)
+    np.testing.assert_allclose(weight_energies(w.T).numpy(), np.linalg.svd(w.double().numpy())[1] ** 2, rtol=1e-9)
+
+
+def spectra(seed: int, shapes: list[tuple[int, int]]) -> list[LayerSpectrum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (o, n) in enumerate(shapes):
+        e = np.sort(rng.exponential(size=min(o, n)) ** 3)[::-1]
+        out.append(LayerSpectrum(f"l{i}", n, o, e))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(energy=st.floats(0.05, 1.0), seed=st.integers(0, 999))
+def test_energy_selection_meets_its_target(energy: float, seed: int) -> None:
+    layers = spectra(seed, [(40, 30), (64, 16), (20, 50)])
+    for s in layers:
+        k = by_energy([s], energy)[s.name]
+        cum = np.cumsum(s.energies) / s.energies.sum()
+        k_true = int(np.argmax(cum >= energy * (1 - 1e-12)) + 1)  # smallest k reaching the target
+        assert k == (k_true if k_true <= s.max_rank else DENSE)
+
+
+def brute_force(layers: list[LayerSpectrum], budget: float) -> float:
+    """The least total relative error over every rank assignment that fits the budget."""
+    best = np.inf
+    options = [[DENSE, *range(1, s.max_rank + 1)] for s in layers]
+    errs = [s.relative_errors() for s in layers]
+    for combo in itertools.product(*options):
+        size = sum(s.params(k) for s, k in zip(layers, combo, strict=True))
+        if size <= budget:
+            err = sum(0.0 if k == DENSE else e[k] for e, k in zip(errs, combo, strict=True))
+            best = min(best, err)
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(ratio=st.floats(0.3, 1.0), seed=st.integers(0, 999))
+def test_ratio_selection_fits_and_is_near_optimal(ratio: float, seed: int) -> None:
+    layers = spectra(seed, [(12, 10), (16, 6), (9, 14)])
+    total = sum(s.dense_params for s in layers)
+    ranks = by_ratio(layers, ratio)
+    size = sum(s.params(ranks[s.name]) for s in layers)
+    assert size <= ratio * total
+    # never worse than any single rank for all layers that fits, and within 5% + 0.02 of the exhaustive optimum
+    err = total_error(layers, ranks)
+    for k in range(1, min(s.max_rank for s in layers) + 1):
+        if sum(s.params(k) for s in layers) <= ratio * total:
+            assert err <= total_error(layers, {s.name: k for s in layers}) + 1e-12
+    assert err <= 1.05 * brute_force(layers, ratio * total) + 0.02
+
+
+def test_ratio_below_the_smallest_factorisation_is_a_clear_error() -> None:
+    layers = spectra(0, [(12, 10)])
+    with pytest.raises(ValueError, match=r"ratio=0.01 keeps .* below the smallest factorisation"):
+        by_ratio(layers, 0.01)
+    with pytest.raises(ValueError, match=r"ratio=1.5 must be a number in \(0, 1\]"):
+        by_ratio(layers, 1.5)
+
+
+def test_compress_selects_and_reports_every_layer() -> None:
+    model = mlp()
+    ref = copy.deepcopy(model)
+    choices = plan(model, ratio=0.5)
+    assert [c.name for c in choices] == ["0", "2", "4"]
+    before = sum(c.params_before for c in choices)
+    after = sum(c.params_after for c in choices)
+    assert after <= 0.5 * before
+    for c in choices:
+        layer = model.get_submodule(c.name)
+        w = ref.get_submodule(c.name).weight
+        if c.rank == DENSE:
+            assert isinstance(layer, nn.Linear) and c.relative_error == 0
+            continue
+        assert isinstance(layer, LowRankLinear) and layer.rank == c.rank
+        wk, s = truncated(w, c.rank)
+        np.testing.assert_allclose(layer.dense_weight().detach().double().numpy(), wk, atol=1e-5)
+        tail = np.sqrt((s[c.rank :] ** 2).sum() / (s**2).sum())
+        assert c.relative_error == pytest.approx(tail, rel=1e-4)
+        assert c.params_after == c.rank * (c.in_features + c.out_features)
+
+
+def test_rank_beyond_break_even_keeps_the_layer() -> None:
+    model = mlp()
+    choices = plan(model, rank=14)  # 24x40: break-even 15 (saves); 40x32: 17 (saves); 32x24: 13 (kept)
+    assert [c.rank for c in choices] == [14, 14, DENSE]
+    assert isinstance(model[4], nn.Linear)
+    model = mlp()
+    choices = plan(model, rank={"2": 3})
+    assert [c.rank for c in choices] == [DENSE, 3, DENSE]
+
+
+def test_transformers_conv1d_layers_compress_too() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(30, 20), nn.ReLU(), Conv1D(8, 30))  # Conv1D(out, in): weight (in, out)
+    ref = copy.deepcopy(model)
+    compress(model, targets=["0"], rank=4)
+    wk, _ = truncated(ref[0].weight.T, 4)
+    x = torch.randn(5, 20)
+    expected = x @ torch.from_numpy(wk).float().T + ref[0].bias
+    torch.testing.assert_close(model[0](x), expected, atol=1e-5, rtol=1e-5)
+
+
+def calibration(seed: int = 1, batches: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(24, 24, generator=g) * torch.logspace(0, -2, 24)  # anisotropic inputs
+    return [torch.randn(64, 24, generator=g) @ mix + 0.5 for _ in range(batches)]
+
+
+def test_activation_aware_error_is_the_output_eigenvalue_tail_and_beats_weight_svd() -> None:
+    data = [b.double() for b in calibration()]
+    x = torch.cat(data)
+    model = nn.Sequential(nn.Linear(24, 40)).double()
+    torch.manual_seed(3)
+    nn.init.normal_(model[0].bias)
+    ref = copy.deepcopy(model)
+    choices = plan(model, rank=5, targets=["0"], method="activation", calibration=data)
+    y, y_hat = ref(x).detach(), model(x).detach()
+    # dense re-derivation: eigenvalues of the output covariance (population, 1/n)
+    yc = y - y.mean(0)
+    lam = np.sort(np.linalg.eigvalsh((yc.T @ yc / len(y)).numpy()))[::-1]
+    mse = ((y - y_hat) ** 2).sum(1).mean().item()
+    assert mse == pytest.approx(lam[5:].sum(), rel=1e-6)
+    assert choices[0].relative_error == pytest.approx(np.sqrt(lam[5:].sum() / lam.sum()), rel=1e-6)
+    svd_model = compress(copy.deepcopy(ref), rank=5, targets=["0"])
+    svd_mse = ((y - svd_model(x).detach()) ** 2).sum(1).mean().item()
+    assert mse < svd_mse
+
+
+def test_bad_arguments_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="exactly one of rank, energy, ratio .got rank, ratio"):
+        compress(mlp(), rank=2, ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one of rank, energy, ratio .got none"):
+        compress(mlp())
+    with pytest.raises(ValueError, match="method='qr' must be one of svd, activation"):
+        compress(mlp(), rank=2, method="qr")
+    with pytest.raises(ValueError, match='method="activation" needs calibration'):
+        compress(mlp(), rank=2, method="activation")
+    with pytest.raises(ValueError, match=r"energy=0 must be a number in \(0, 1\]"):
+        compress(mlp(), energy=0)
+    with pytest.raises(ValueError, match="rank=0 for layer '0' must be a positive integer"):
+        compress(mlp(), rank=0)
+    with pytest.raises(ValueError, match="calibration never reached"):
+        compress(mlp(), rank=2, method="activation", calibration=[])
+
+
+def test_save_load_roundtrip_and_no_pickle(tmp_path) -> None:
+    model = mlp()
+    compress(model, ratio=0.6)
+    save_compressed(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compression.json", "model.safetensors"]
+    fresh = mlp(seed=5)
+    loaded = load_compressed(tmp_path, fresh)
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    spec = json.loads((tmp_path / "compression.json").read_text())
+    spec["layers"]["0"]["rank"] = "2"
+    (tmp_path / "compression.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="layer '0' has a malformed entry"):
+        load_compressed(tmp_path, mlp())
+    spec["layers"] = {"9": {"kind": "lowrank", "in": 24, "out": 40, "rank": 2, "bias": True}}
+    (tmp_path / "compression.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="layer '9' is not in the Sequential given"):
+        load_compressed(tmp_path, mlp())
+    spec["model_class"] = "os.system"
+    (tmp_path / "compression.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="model_class='os.system' is not a transformers model class"):
+        load_compressed(tmp_path)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    return BertModel(cfg).eval()
+
+
+def test_huggingface_model_roundtrip_and_classifier_wrapper(tmp_path) -> None:
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    model = tiny_bert()
+    compress(model, ratio=0.7)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    save_compressed(model, tmp_path)
+    ids = torch.randint(0, 50, (2, 7))
+    loaded = load_compressed(tmp_path).eval()
+    assert type(loaded).__name__ == "BertModel"
+    torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    config = AutoConfig.from_pretrained(tmp_path, num_labels=3)
+    clf = load_compressed(tmp_path, BertForSequenceClassification(config)).eval()
+    torch.testing.assert_close(clf.bert(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
+def test_lord_then_lora_trains_the_compressed_model() -> None:
+    model = mlp()
+    compress(model, ratio=0.6)
+    adapted = loraplex.adapt(model, "lora", rank=2, targets="all-linear")
+    names = [n for n, _ in loraplex.adapters(adapted)]
+    assert any(n.endswith(".down") for n in names) and any(n.endswith(".up") for n in names)
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    x, y = torch.randn(16, 24), torch.randn(16, 24)
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.mse_loss(adapted(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        before = adapted(x)
+        merged = loraplex.merge(adapted)
+        assert not loraplex.adapters(merged)
+        torch.testing.assert_close(merged(x), before, atol=1e-5, rtol=1e-5)
