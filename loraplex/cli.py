@@ -117,6 +117,50 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loraplex.analysis.report import layer_report, load_model, markdown, plot, summary
+
+    try:
+        model = load_model(args.model, adapter=args.adapter)
+        rows = layer_report(model, _targets(args.targets), energy=args.energy)
+    except ValueError as e:
+        print(f"loraplex inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    print(summary(rows))
+    if args.plot:
+        print(f"plot: {plot(rows, args.plot, title=f'singular-value spectra of {args.model}')}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from loraplex.compress.workbench import CompressConfig, run, summary
+
+    cfg = CompressConfig(
+        model=args.model,
+        out=args.out,
+        rank=args.rank,
+        energy=args.energy,
+        ratio=args.ratio,
+        method=args.method,
+        solver=args.solver,
+        targets=_targets(args.targets),
+        data=args.data,
+        test_data=args.test_data,
+        calibration_rows=args.calibration_rows,
+        eval_rows=args.eval_rows,
+        max_length=args.max_length,
+    )
+    try:
+        report = run(cfg)
+    except ValueError as e:
+        print(f"loraplex compress: error: {e}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    print(f"saved to {cfg.out}: load with loraplex.compress.load_compressed({cfg.out!r})")
+    return 0
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local HuggingFace model directory (default: the embedded MiniLM-L6)")
     p.add_argument("--data", help="CSV or JSONL with text (or text_a, text_b), label[, split] (default: embedded)")
@@ -169,6 +213,31 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=1, help="runs per method (mean and spread reported)")
     c.add_argument("--out", help="output folder (default: a new folder under runs/)")
     c.set_defaults(func=cmd_compare)
+
+    z = sub.add_parser("compress", help="one-shot low-rank compression (LoRD) of a local HuggingFace encoder")
+    z.add_argument("model", nargs="?", default="minilm", help="local model folder, or minilm (the embedded one)")
+    z.add_argument("--out", required=True, help="output folder (compression.json, model.safetensors, tokenizer)")
+    keep = z.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--ratio", type=float, help="fraction of the targeted weight parameters kept")
+    keep.add_argument("--energy", type=float, help="fraction of each layer's spectral energy kept")
+    keep.add_argument("--rank", type=int, help="the rank of every factorised layer")
+    z.add_argument("--method", default="svd", choices=["svd", "activation"], help="weight SVD or output PCA")
+    z.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"])
+    z.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")
+    z.add_argument("--data", help="CSV or JSONL for calibration and evaluation (default: embedded)")
+    z.add_argument("--test-data", help="separate test file (default: rows with split == test)")
+    z.add_argument("--calibration-rows", type=int, default=256, help="train texts for --method activation")
+    z.add_argument("--eval-rows", type=int, help="train texts embedded for the head fit (default: all)")
+    z.add_argument("--max-length", type=int, default=64)
+    z.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="spectral report (stable, effective, energy ranks) of a model's layers")
+    i.add_argument("model", metavar="MODEL_DIR_OR_NAME", help="local HuggingFace model directory, or minilm")
+    i.add_argument("--adapter", help="adapter folder (loraplex.save / loraplex finetune --out): also report ΔW")
+    i.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")
+    i.add_argument("--energy", type=float, default=0.9, help="energy threshold of the energy-rank column")
+    i.add_argument("--plot", metavar="FILE.png", help="write spectra and rank bars to this PNG")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

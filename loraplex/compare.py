@@ -268,8 +268,9 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Run every method at the budget; write ``results.json``, ``results.md`` and ``plot.png`` to ``cfg.out``."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from loraplex.compress.io import is_compressed
     from loraplex.data import load_splits
-    from loraplex.train import default_model_path
+    from loraplex.train import classifier, default_model_path
 
     for entry in cfg.methods:
         split_entry(entry)
@@ -277,8 +278,11 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1")
     _, _, names = load_splits(cfg.data, cfg.test_data)
     model_dir = str(cfg.model or default_model_path())
-    config = AutoConfig.from_pretrained(model_dir, num_labels=len(names))
-    model = AutoModelForSequenceClassification.from_config(config)  # shapes only: random weights are fine
+    if is_compressed(model_dir):  # the factorised layers' shapes come from the folder
+        model = classifier(model_dir, len(names))
+    else:
+        config = AutoConfig.from_pretrained(model_dir, num_labels=len(names))
+        model = AutoModelForSequenceClassification.from_config(config)  # shapes only: random weights are fine
     budget = resolve_budget(cfg, model)
     plans = [plan(m, model, cfg.targets, budget) for m in cfg.methods]
     out = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-compare"))

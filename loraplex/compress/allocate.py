@@ -64,7 +64,7 @@ def energy_rank(energies: np.ndarray, energy: float) -> int:
     if total <= 0:
         return 1
     kept = np.cumsum(e) / total
-    return int(min(len(e), np.searchsorted(kept, energy * (1 - 1e-12)) + 1))
+    return min(len(e), int(np.searchsorted(kept, energy * (1 - 1e-12))) + 1)
 
 
 def check_fraction(name: str, value: float) -> float:

@@ -71,7 +71,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         text = config.to_json_string()
-        atomic_write(d / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text, encoding="utf-8")
+
+        atomic_write(d / "config.json", write)
     write_tensors(d / TENSOR_FILE, model.state_dict())
     write_json(d / SPEC_FILE, spec)
     return d

@@ -133,9 +133,9 @@ class LowRankConv2d(nn.Module):
             c,
             rank,
             (kh, kw),
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
+            stride=conv.stride,  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            dilation=conv.dilation,  # type: ignore[arg-type]
             bias=False,
             padding_mode=conv.padding_mode,
             device=w.device,
@@ -160,7 +160,7 @@ class LowRankConv2d(nn.Module):
         with torch.no_grad():
             layer.up.weight.copy_(up.reshape(layer.up.weight.shape))
             layer.down.weight.copy_(down.reshape(layer.down.weight.shape))
-            if conv.bias is not None:
+            if conv.bias is not None and layer.up.bias is not None:
                 layer.up.bias.copy_(conv.bias)
         return layer.train(conv.training).requires_grad_(conv.weight.requires_grad)
 

@@ -213,7 +213,7 @@ def plan(
     names = resolve(model, targets, exclude)
     for n in names:
         _check_linear_target(model, n)
-    stats = input_stats(model, names, calibration) if method == "activation" else {}
+    stats = input_stats(model, names, calibration) if calibration is not None and method == "activation" else {}
     spectra, bases = [], {}
     for n in names:
         w = weight_of(model.get_submodule(n))
@@ -239,10 +239,10 @@ def plan(
         layer = model.get_submodule(s.name)
         err = 0.0
         if k != DENSE:
-            w, b = weight_of(layer), layer.bias
+            w, b = weight_of(layer), _bias(layer)
             if method == "activation":
                 up, down, bias = activation_factors(w, b, stats[s.name], bases[s.name], k)
-            elif _use_randomized(solver, rank, tuple(w.shape)):
+            elif _use_randomized(solver, rank, (w.shape[0], w.shape[1])):
                 up, down = randomized_factors(w, k)
                 bias = None
             else:
@@ -258,16 +258,20 @@ def plan(
     return choices
 
 
+def _bias(layer: nn.Module) -> Tensor | None:
+    b = getattr(layer, "bias", None)
+    return b if isinstance(b, Tensor) else None
+
+
 def _lowrank(layer: nn.Module, w: Tensor, rank: int, up: Tensor, down: Tensor, bias: Tensor | None) -> LowRankLinear:
     out, inp = w.shape
-    new = LowRankLinear(inp, out, rank, bias=layer.bias is not None or bias is not None, device=w.device, dtype=w.dtype)
+    bias = bias if bias is not None else _bias(layer)
+    new = LowRankLinear(inp, out, rank, bias=bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.up.weight.copy_(up)
         new.down.weight.copy_(down)
-        if bias is not None:
+        if bias is not None and new.up.bias is not None:
             new.up.bias.copy_(bias)
-        elif layer.bias is not None:
-            new.up.bias.copy_(layer.bias)
     return new.train(layer.training).requires_grad_(w.requires_grad)
 
 

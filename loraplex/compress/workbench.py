@@ -25,19 +25,7 @@ from loraplex.compress.lord import DENSE, plan
 from loraplex.compress.quality import embed, head_accuracy, mean_cosine
 from loraplex.data import load_splits
 from loraplex.io import write_json
-from loraplex.train import default_model_path
-
-DEFAULT_NAMES = ("minilm", "default")
-
-
-def model_path(name: str | None) -> Path:
-    """A local model folder, or the embedded MiniLM-L6 for ``None`` / ``minilm`` / ``default``."""
-    if name is None or name in DEFAULT_NAMES:
-        return default_model_path()
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model {name!r} is not a local HuggingFace model folder (no config.json)")
-    return path
+from loraplex.train import model_path
 
 
 def load_encoder(path: Path) -> nn.Module:
@@ -113,7 +101,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     rows = texts if cfg.eval_rows is None else texts[: cfg.eval_rows]
     labels = torch.tensor(train.labels[: len(rows)])
     test_labels = torch.tensor(test.labels)
-    quality = {}
+    quality: dict[str, dict[str, Any]] = {}
     for key, m in (("original", original), ("compressed", model)):
         tr = embed(m, tokenizer, rows, cfg.batch_size, cfg.max_length)
         te = embed(m, tokenizer, test_texts, cfg.batch_size, cfg.max_length)
