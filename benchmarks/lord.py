@@ -60,7 +60,7 @@ def solvers(model: torch.nn.Module, ranks: list[int], repeats: int) -> list[str]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", default="0.9,0.7,0.5")
-    p.add_argument("--methods", default="svd,activation")
+    p.add_argument("--methods", default="svd,activation,kronecker,hadamard")
     p.add_argument("--solver-ranks", default="8,32,96")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--markdown", help="write the tables here too")

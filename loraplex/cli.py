@@ -221,7 +221,8 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--ratio", type=float, help="fraction of the targeted weight parameters kept")
     keep.add_argument("--energy", type=float, help="fraction of each layer's spectral energy kept")
     keep.add_argument("--rank", type=int, help="the rank of every factorised layer")
-    z.add_argument("--method", default="svd", choices=["svd", "activation"], help="weight SVD or output PCA")
+    z.add_argument("--method", default="svd", choices=["svd", "activation", "kronecker", "hadamard"],
+                   help="weight SVD, output PCA (LoRD), or the survey's Kronecker sum / Hadamard product")  # fmt: skip
     z.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"])
     z.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")
     z.add_argument("--data", help="CSV or JSONL for calibration and evaluation (default: embedded)")

@@ -364,3 +364,35 @@ def test_inspect_reads_a_compressed_folder(tmp_path, monkeypatch, capsys) -> Non
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if "intermediate.dense" in line]
     assert len(rows) == 2 and all("low-rank" in r and "| 4 |" in r for r in rows)
+
+
+@pytest.mark.parametrize("method", ["kronecker", "hadamard"])
+def test_structured_compressors_fit_save_and_load(method: str, tmp_path) -> None:
+    from loraplex.decompose.layers import LAYERS
+
+    model = mlp()
+    ref = copy.deepcopy(model)
+    choices = plan(model, ratio=0.4, method=method)
+    for c in choices:
+        layer = model.get_submodule(c.name)
+        assert c.kind == method and isinstance(layer, LAYERS[method])
+        assert c.params_after == LAYERS[method].num_params(c.in_features, c.out_features, **c.options)
+        assert c.params_after <= 0.4 * c.params_before
+        w = ref.get_submodule(c.name).weight.detach().double()
+        err = torch.linalg.norm(w - layer.dense_weight().detach().double()) / torch.linalg.norm(w)
+        assert c.relative_error == pytest.approx(float(err), rel=1e-6) and 0 < c.relative_error < 1
+    save_compressed(model, tmp_path)
+    loaded = load_compressed(tmp_path, mlp(seed=9))
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f'method="{method}" takes ratio='):
+        compress(mlp(), rank=2, method=method)
+
+
+def test_kronecker_compression_recovers_a_planted_kronecker_weight() -> None:
+    model = nn.Sequential(nn.Linear(24, 40))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.kron(torch.randn(5, 4), torch.randn(8, 6)))  # 40x24 = (5x4) ⊗ (8x6)
+    choices = plan(model, ratio=0.1, method="kronecker")
+    assert choices[0].relative_error < 1e-6

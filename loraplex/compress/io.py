@@ -4,8 +4,9 @@ A compressed folder holds:
 
 * ``model.safetensors``: the whole ``state_dict`` of the compressed model (factorised layers as
   ``<name>.down.weight`` / ``<name>.up.weight`` / ``<name>.up.bias``);
-* ``compression.json``: the format tag, the model class name, the dtype, and every factorised layer
-  with its shape and rank (``{"kind": "lowrank", "in": .., "out": .., "rank": .., "bias": ..}``);
+* ``compression.json``: the format tag, the model class name, the dtype, and every compressed layer
+  with its shape and rank (``{"kind": "lowrank", "in": .., "out": .., "rank": .., "bias": ..}``) or,
+  for the Kronecker / Hadamard layers, its options (``{"kind": "kronecker", ..., "options": {..}}``);
 * for a HuggingFace model, its ``config.json`` (and whatever the caller adds, e.g. the tokenizer).
 
 Both files are written atomically, the JSON last, so a folder with a ``compression.json`` is complete.
@@ -40,19 +41,25 @@ def is_compressed(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / SPEC_FILE).is_file()
 
 
+def _structured() -> dict[str, type[nn.Module]]:
+    from loraplex.decompose.layers import LAYERS
+
+    return {"lowrank": LowRankLinear, **LAYERS}
+
+
 def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The factorised layers of ``model`` as JSON: ``{name: {kind, in, out, rank, bias}}``."""
-    return {
-        name: {
-            "kind": "lowrank",
-            "in": m.in_features,
-            "out": m.out_features,
-            "rank": m.rank,
-            "bias": m.up.bias is not None,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, LowRankLinear)
-    }
+    """The compressed layers of ``model`` as JSON: ``{name: {kind, in, out, bias, rank | options}}``."""
+    kinds = {cls: kind for kind, cls in _structured().items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        kind = kinds.get(type(m))
+        if kind == "lowrank":
+            out[name] = {"kind": kind, "in": m.in_features, "out": m.out_features, "rank": m.rank,
+                         "bias": m.up.bias is not None}  # fmt: skip
+        elif kind is not None:
+            out[name] = {"kind": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                         "options": m.options()}  # fmt: skip
+    return out
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
@@ -94,9 +101,14 @@ def read_compression_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
     layers = spec.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{where}: 'layers' must be an object")
+    kinds = _structured()
     for name, entry in layers.items():
-        ok = isinstance(entry, dict) and entry.get("kind") == "lowrank"
-        ok = ok and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in ("in", "out", "rank"))
+        ok = isinstance(entry, dict) and entry.get("kind") in kinds
+        sizes = ("in", "out", "rank") if ok and entry["kind"] == "lowrank" else ("in", "out")
+        ok = ok and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in sizes)
+        if ok and entry["kind"] != "lowrank":
+            opts = entry.get("options")
+            ok = isinstance(opts, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in opts.values())
         if not ok or not isinstance(entry.get("bias"), bool):
             raise ValueError(f"{where}: layer {name!r} has a malformed entry {entry!r}")
     if not isinstance(spec.get("model_class"), str) or not isinstance(spec.get("dtype"), str):
@@ -128,6 +140,16 @@ def _host(model: nn.Module, class_name: str) -> nn.Module:
     return model
 
 
+def _empty_layer(e: dict[str, Any], w: torch.Tensor) -> nn.Module:
+    if e["kind"] == "lowrank":
+        return LowRankLinear(e["in"], e["out"], e["rank"], bias=e["bias"], device=w.device, dtype=w.dtype)
+    cls: Any = _structured()[e["kind"]]
+    try:
+        return cls(e["in"], e["out"], e["bias"], **e["options"], device=w.device, dtype=w.dtype)
+    except TypeError as err:
+        raise ValueError(f"options {e['options']!r} do not fit a {e['kind']} layer: {err}") from err
+
+
 def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """The compressed model saved in ``directory`` (built from its config, or put into ``model``)."""
     d = Path(directory)
@@ -150,7 +172,7 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
         shape = tuple(w.shape) if isinstance(old, nn.Linear) else tuple(w.shape[::-1])
         if shape != (e["out"], e["in"]):
             raise ValueError(f"{d}: layer {name!r} has weight shape {shape}, the file has ({e['out']}, {e['in']})")
-        new = LowRankLinear(e["in"], e["out"], e["rank"], bias=e["bias"], device=w.device, dtype=w.dtype)
+        new = _empty_layer(e, w)
         host.set_submodule(name, new.train(old.training))
     tensors = read_tensors(d / TENSOR_FILE)
     try:

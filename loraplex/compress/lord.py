@@ -20,6 +20,10 @@ candidates are offered:
   Statistics come from one pass of the calibration batches through the *original* model
   (every layer sees uncompressed inputs); padded positions count like any other token.
 
+Two alternatives from Jun Lu's survey (https://arxiv.org/abs/2408.05883), with ``ratio`` only:
+``method="kronecker"`` (``W ≈ Σ_t A_t ⊗ B_t``, the nearest Kronecker sum) and ``method="hadamard"``
+(``W ≈ (W1 Z1) ⊙ (W2 Z2)`` by alternating least squares), see :mod:`loraplex.decompose.layers`.
+
 Rank selection (exactly one of; see :mod:`loraplex.compress.allocate`): ``rank`` (an int for
 every layer, or ``{layer name: rank}``), ``energy`` (keep that fraction of each layer's spectral
 energy), ``ratio`` (keep that fraction of the targeted weight parameters, spread across layers to
@@ -44,11 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import is_linear, weight_of
-from loraplex.compress.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio
+from loraplex.compress.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio, check_fraction
 from loraplex.compress.layers import LowRankLinear, split_factors, svd
 from loraplex.inject import Targets, resolve
 
-METHODS = ("svd", "activation")
+METHODS = ("svd", "activation", "kronecker", "hadamard")
+STRUCTURED = ("kronecker", "hadamard")
 SOLVERS = ("auto", "full", "randomized")
 OVERSAMPLE, POWER_ITERS = 8, 4
 
@@ -73,10 +78,12 @@ class Choice:
     name: str
     in_features: int
     out_features: int
-    rank: int  # DENSE (-1) when the layer was kept
+    rank: int  # of a low-rank layer; DENSE (-1) when the layer was kept or given another structure
     params_before: int
     params_after: int
-    relative_error: float  # svd: ||W - W1 W2||_F / ||W||_F; activation: sqrt(output tail / total); 0 when kept
+    relative_error: float  # ||W - Ŵ||_F / ||W||_F; activation: sqrt(output tail / total); 0 when kept
+    kind: str = "lowrank"  # "dense" (kept), "lowrank", "kronecker", "hadamard"
+    options: dict[str, int] | None = None  # the kronecker / hadamard layer's options
 
 
 def _check_linear_target(model: nn.Module, name: str) -> nn.Module:
@@ -192,8 +199,10 @@ def _check_args(rank: Any, energy: Any, ratio: Any, method: str, solver: str, ca
         raise ValueError(f"solver={solver!r} must be one of {', '.join(SOLVERS)}")
     if method == "activation" and calibration is None:
         raise ValueError('method="activation" needs calibration batches (calibration=...)')
-    if method == "activation" and solver == "randomized":
+    if method != "svd" and solver == "randomized":
         raise ValueError('solver="randomized" applies to method="svd" only')
+    if method in STRUCTURED and ratio is None:
+        raise ValueError(f'method="{method}" takes ratio= (the fraction of each layer\'s weights kept)')
 
 
 def plan(
@@ -213,6 +222,9 @@ def plan(
     names = resolve(model, targets, exclude)
     for n in names:
         _check_linear_target(model, n)
+    if method in STRUCTURED:
+        assert ratio is not None
+        return [structured(model, n, method, ratio) for n in names]
     stats = input_stats(model, names, calibration) if calibration is not None and method == "activation" else {}
     spectra, bases = [], {}
     for n in names:
@@ -254,8 +266,42 @@ def plan(
                 w64 = w.detach().to(up.dtype)
                 err = float(torch.linalg.norm(w64 - up @ down) / torch.linalg.norm(w64).clamp_min(1e-300))
             model.set_submodule(s.name, _lowrank(layer, w, k, up, down, bias))
-        choices.append(Choice(s.name, s.in_features, s.out_features, k, s.dense_params, s.params(k), err))
+        kind = "dense" if k == DENSE else "lowrank"
+        choices.append(Choice(s.name, s.in_features, s.out_features, k, s.dense_params, s.params(k), err, kind))
     return choices
+
+
+def structured(model: nn.Module, name: str, method: str, ratio: float) -> Choice:
+    """Replace one layer by the largest Kronecker / Hadamard layer within ``ratio`` of its weights.
+
+    Decision: these fits are iterative (Hadamard ALS) or need one SVD per factor shape (Kronecker),
+    so the ratio is applied to every layer alike instead of being spread by error as for the SVD;
+    a layer whose smallest candidate does not fit is kept dense. Among candidates of the same size
+    (Kronecker: ``A`` of shape ``(out_l, in_m)`` or ``(out_k, in_n)``) the one with the least error wins.
+    """
+    from loraplex.decompose.layers import LAYERS, candidates
+
+    check_fraction("ratio", ratio)
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f'layer {name!r} is a {type(layer).__name__}: method="{method}" takes nn.Linear layers')
+    out, inp = layer.out_features, layer.in_features
+    cls = LAYERS[method]
+    fits = [o for o in candidates(method, inp, out) if cls.num_params(inp, out, **o) <= ratio * inp * out]
+    if not fits:
+        return Choice(name, inp, out, DENSE, inp * out, inp * out, 0.0, "dense")
+    size = cls.num_params(inp, out, **fits[-1])
+    w = layer.weight.detach().double()
+    best: tuple[float, nn.Module, dict[str, int]] | None = None
+    for opts in (o for o in fits if cls.num_params(inp, out, **o) == size):  # equal size: keep the best fit
+        new = cls.from_linear(layer, **opts)
+        with torch.no_grad():
+            err = float(torch.linalg.norm(w - new.dense_weight().double()) / torch.linalg.norm(w).clamp_min(1e-300))
+        if best is None or err < best[0]:
+            best = (err, new, opts)
+    assert best is not None
+    model.set_submodule(name, best[1])
+    return Choice(name, inp, out, DENSE, inp * out, size, best[0], method, best[2])
 
 
 def _bias(layer: nn.Module) -> Tensor | None:

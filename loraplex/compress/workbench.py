@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from loraplex.compress.io import is_compressed, load_compressed, save_compressed
-from loraplex.compress.lord import DENSE, plan
+from loraplex.compress.lord import plan
 from loraplex.compress.quality import embed, head_accuracy, mean_cosine
 from loraplex.data import load_splits
 from loraplex.io import write_json
@@ -115,7 +115,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         "target_params_before": sum(c.params_before for c in choices),
         "target_params_after": sum(c.params_after for c in choices),
         "layers_targeted": len(choices),
-        "layers_factorised": sum(c.rank != DENSE for c in choices),
+        "layers_factorised": sum(c.kind != "dense" for c in choices),
         "seconds": seconds,
         "cosine": mean_cosine(quality["original"]["test"], quality["compressed"]["test"]),
         "accuracy_original": quality["original"]["accuracy"],
