@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from loraplex.compress.layers import split_factors, svd
-from loraplex.compress.lord import DENSE, plan, randomized_factors
+from loraplex.compress.lord import plan, randomized_factors
 from loraplex.compress.quality import embed, head_accuracy, mean_cosine
 from loraplex.compress.workbench import calibration_batches
 from loraplex.data import load_splits
@@ -59,8 +59,11 @@ def solvers(model: torch.nn.Module, ranks: list[int], repeats: int) -> list[str]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ratios", default="0.9,0.7,0.5")
-    p.add_argument("--methods", default="svd,activation,kronecker,hadamard")
+    p.add_argument(
+        "--runs",
+        default="svd:0.9,svd:0.7,svd:0.5,activation:0.9,activation:0.7,activation:0.5,kronecker:0.5,hadamard:0.5",
+        help="METHOD:RATIO[:uniform] (default allocation: error)",
+    )
     p.add_argument("--solver-ranks", default="8,32,96")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--markdown", help="write the tables here too")
@@ -82,25 +85,34 @@ def main() -> None:
         f"MiniLM-L6 ({n0:,} parameters), embedded data: {len(texts)} train / {len(test_texts)} test texts; "
         f"original head accuracy {base_acc:.4f}",
         "",
-        "| method | ratio | parameters | targeted kept | factorised | seconds | cosine | accuracy | Δ accuracy |",
+        "| method | ratio, allocation | parameters | targeted kept | factorised | seconds | cosine | accuracy "
+        "| Δ accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     calib = calibration_batches(tok, texts[:256], 32, 64)
-    for method in args.methods.split(","):
-        for ratio in [float(r) for r in args.ratios.split(",")]:
+    for run in args.runs.split(","):
+        method, ratio, *alloc = run.split(":")
+        ratio, allocation = float(ratio), (alloc or ["error"])[0]
+        if True:
             model = copy.deepcopy(original)
             t = time.perf_counter()
             with torch.no_grad():
-                choices = plan(model, ratio=ratio, method=method, calibration=calib if method == "activation" else None)
+                choices = plan(
+                    model,
+                    ratio=ratio,
+                    method=method,
+                    allocation=allocation,
+                    calibration=calib if method == "activation" else None,
+                )
             sec = time.perf_counter() - t
             tr, te = embed(model, tok, texts), embed(model, tok, test_texts)
             acc = head_accuracy(tr, labels, te, test_labels, len(names))
             n1 = sum(p.numel() for p in model.parameters())
             kept = sum(c.params_after for c in choices) / sum(c.params_before for c in choices)
-            fact = sum(c.rank != DENSE for c in choices)
+            fact = sum(c.kind != "dense" for c in choices)
             line = (
-                f"| {method} | {ratio} | {n0:,} → {n1:,} | {kept:.3f} | {fact}/{len(choices)} | {sec:.1f} | "
-                f"{mean_cosine(base_te, te):.4f} | {acc:.4f} | {acc - base_acc:+.4f} |"
+                f"| {method} | {ratio} {allocation} | {n0:,} → {n1:,} | {kept:.3f} | {fact}/{len(choices)} | "
+                f"{sec:.1f} | {mean_cosine(base_te, te):.4f} | {acc:.4f} | {acc - base_acc:+.4f} |"
             )
             print(line, flush=True)
             out.append(line)

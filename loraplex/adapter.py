@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -90,6 +91,20 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A number in ``(0, 1]`` (an energy, a ratio of parameters kept)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """A finite number ``>= 0`` (a penalty weight, a threshold)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return float(value)
 
 
 def check_dropout(value: Any) -> float:

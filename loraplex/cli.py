@@ -144,6 +144,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         method=args.method,
         solver=args.solver,
+        allocation=args.allocation,
         targets=_targets(args.targets),
         data=args.data,
         test_data=args.test_data,
@@ -224,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--method", default="svd", choices=["svd", "activation", "kronecker", "hadamard"],
                    help="weight SVD, output PCA (LoRD), or the survey's Kronecker sum / Hadamard product")  # fmt: skip
     z.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"])
+    z.add_argument("--allocation", default="error", choices=["error", "uniform"],
+                   help="--ratio spread by least total error, or the same fraction of every layer")  # fmt: skip
     z.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")
     z.add_argument("--data", help="CSV or JSONL for calibration and evaluation (default: embedded)")
     z.add_argument("--test-data", help="separate test file (default: rows with split == test)")

@@ -396,3 +396,15 @@ def test_kronecker_compression_recovers_a_planted_kronecker_weight() -> None:
         model[0].weight.copy_(torch.kron(torch.randn(5, 4), torch.randn(8, 6)))  # 40x24 = (5x4) ⊗ (8x6)
     choices = plan(model, ratio=0.1, method="kronecker")
     assert choices[0].relative_error < 1e-6
+
+
+def test_uniform_allocation_gives_every_layer_the_same_fraction() -> None:
+    model = mlp()
+    choices = plan(model, ratio=0.3, allocation="uniform")
+    for c in choices:  # the largest rank within 30 % of each layer's own weights
+        assert c.rank == int(0.3 * c.params_before) // (c.in_features + c.out_features)
+        assert c.params_after <= 0.3 * c.params_before
+    with pytest.raises(ValueError, match="allocation='even' must be one of error, uniform"):
+        compress(mlp(), ratio=0.5, allocation="even")
+    with pytest.raises(ValueError, match="ratio=0.01 leaves layer '0' .40x24. no rank"):
+        compress(mlp(), ratio=0.01, allocation="uniform")

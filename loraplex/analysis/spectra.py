@@ -38,6 +38,8 @@ import math
 import torch
 from torch import Tensor
 
+from loraplex.adapter import check_fraction
+
 RTOL_FACTOR = 4.0  # default rtol = RTOL_FACTOR * eps(dtype); see the module docstring
 
 
@@ -135,9 +137,7 @@ def effective_rank(w: Tensor) -> float:
 
 def check_energy(energy: float) -> float:
     """``energy`` must be a number in ``(0, 1]``."""
-    if isinstance(energy, bool) or not isinstance(energy, int | float) or not 0 < energy <= 1:
-        raise ValueError(f"energy={energy!r} must be a number in (0, 1]")
-    return float(energy)
+    return check_fraction("energy", energy)
 
 
 def energy_rank(w: Tensor, energy: float = 0.9) -> int:

@@ -14,6 +14,9 @@ multiplier ``λ`` each layer independently picks ``argmin err_l(k) + λ params_l
 ``λ`` finds the cheapest multiplier whose choice fits the budget; the budget left over is then filled
 greedily, one rank at a time, by the step with the largest error decrease per parameter. The result
 always fits the budget and is never worse than the relaxation's point on the lower convex hull.
+On near-flat spectra (trained transformer weights) this concentrates the cut on a few layers;
+``allocation="uniform"`` instead gives every layer the same fraction (``by_uniform_ratio``);
+``benchmarks/lord.py`` measures both.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from loraplex.adapter import check_fraction
 
 DENSE = -1  # the "rank" of a layer left as it is
 
@@ -65,12 +70,6 @@ def energy_rank(energies: np.ndarray, energy: float) -> int:
         return 1
     kept = np.cumsum(e) / total
     return min(len(e), int(np.searchsorted(kept, energy * (1 - 1e-12))) + 1)
-
-
-def check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
-    return float(value)
 
 
 def by_energy(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
@@ -150,6 +149,18 @@ def by_ratio(layers: Sequence[LayerSpectrum], ratio: float) -> dict[str, int]:
         left -= s.params(nxt) - s.params(k)
         picks[best] = nxt
     return {s.name: k for s, k in zip(layers, picks, strict=True)}
+
+
+def by_uniform_ratio(layers: Sequence[LayerSpectrum], ratio: float) -> dict[str, int]:
+    """Every layer at the largest rank within ``ratio`` of its own weights (``DENSE`` when ``ratio`` saves nothing)."""
+    check_fraction("ratio", ratio)
+    out = {}
+    for s in layers:
+        k = min(s.max_rank, int(ratio * s.dense_params) // (s.in_features + s.out_features))
+        if k < 1 and ratio < 1:
+            raise ValueError(f"ratio={ratio} leaves layer {s.name!r} ({s.out_features}x{s.in_features}) no rank")
+        out[s.name] = k if k >= 1 and ratio < 1 else DENSE
+    return out
 
 
 def total_error(layers: Sequence[LayerSpectrum], ranks: dict[str, int]) -> float:

@@ -45,6 +45,7 @@ class CompressConfig:
     ratio: float | None = None
     method: str = "svd"
     solver: str = "auto"
+    allocation: str = "error"
     targets: Any = "all-linear"
     data: str | None = None
     test_data: str | None = None
@@ -92,6 +93,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
             method=cfg.method,
             calibration=calib,
             solver=cfg.solver,
+            allocation=cfg.allocation,
         )
     seconds = time.perf_counter() - start
     out = Path(cfg.out)
@@ -109,6 +111,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     report = {
         "model": str(src),
         "method": cfg.method,
+        "allocation": cfg.allocation,
         "selection": {k: v for k, v in (("rank", cfg.rank), ("energy", cfg.energy), ("ratio", cfg.ratio)) if v},
         "params_before": _count(original),
         "params_after": _count(model),

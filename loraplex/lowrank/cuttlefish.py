@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_int
+from loraplex.adapter import check_int, check_nonnegative
 from loraplex.compress.layers import LOW_RANK_LAYERS, break_even_rank, factorize, svd
-from loraplex.lowrank.trp import check_nonnegative, find_targets, set_submodule
+from loraplex.lowrank.trp import find_targets, set_submodule
 
 
 def stable_rank(w: Tensor) -> int:

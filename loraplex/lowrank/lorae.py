@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_int
-from loraplex.lowrank.trp import check_nonnegative
+from loraplex.adapter import check_int, check_nonnegative
 
 
 class LowRankLatent(nn.Sequential):

@@ -24,30 +24,15 @@ sub-gradient, as in the reference.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_int
+from loraplex.adapter import check_fraction, check_int, check_nonnegative
 from loraplex.compress.layers import break_even_rank, factorize, svd
 from loraplex.inject import match
-
-
-def check_fraction(name: str, value: Any, *, closed: bool = True) -> float:
-    """A number in ``(0, 1]`` (``closed``) or ``(0, 1)``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value <= 1.0
-    if not ok or (not closed and value == 1.0):
-        raise ValueError(f"{name}={value!r} must be a number in (0, 1{']' if closed else ')'}")
-    return float(value)
-
-
-def check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-    return float(value)
 
 
 def energy_rank(s: Tensor, energy: float) -> int:
