@@ -52,7 +52,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from loraplex.compress.layers import LOW_RANK_LAYERS
+from loraplex.compression.layers import LOW_RANK_LAYERS
 from loraplex.lowrank import TRP, Autoencoder, Cuttlefish, LowRankLatent
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]

@@ -21,10 +21,10 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from loraplex.compress.layers import split_factors, svd
-from loraplex.compress.lord import plan, randomized_factors
-from loraplex.compress.quality import embed, head_accuracy, mean_cosine
-from loraplex.compress.workbench import calibration_batches
+from loraplex.compression.layers import split_factors, svd
+from loraplex.compression.lord import plan, randomized_factors
+from loraplex.compression.quality import embed, head_accuracy, mean_cosine
+from loraplex.compression.workbench import calibration_batches
 from loraplex.data import load_splits
 from loraplex.train import default_model_path
 

@@ -3,6 +3,7 @@
 from loraplex._version import __version__
 from loraplex.adapter import Adapter, Factorized
 from loraplex.adapters import METHODS
+from loraplex.compression import compress, load_compressed, save_compressed
 from loraplex.inject import adapt, adapters, advance, disabled, merge, track_steps, unload
 from loraplex.io import load, save
 from loraplex.peft_io import export_peft, import_peft
@@ -15,12 +16,15 @@ __all__ = [
     "adapt",
     "adapters",
     "advance",
+    "compress",
     "disabled",
     "export_peft",
     "import_peft",
     "load",
+    "load_compressed",
     "merge",
     "save",
+    "save_compressed",
     "track_steps",
     "unload",
 ]

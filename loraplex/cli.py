@@ -134,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from loraplex.compress.workbench import CompressConfig, run, summary
+    from loraplex.compression.workbench import CompressConfig, run, summary
 
     cfg = CompressConfig(
         model=args.model,
@@ -158,7 +158,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"loraplex compress: error: {e}", file=sys.stderr)
         return 2
     print(summary(report))
-    print(f"saved to {cfg.out}: load with loraplex.compress.load_compressed({cfg.out!r})")
+    print(f"saved to {cfg.out}: load with loraplex.load_compressed({cfg.out!r})")
     return 0
 
 

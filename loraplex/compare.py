@@ -268,7 +268,7 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Run every method at the budget; write ``results.json``, ``results.md`` and ``plot.png`` to ``cfg.out``."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from loraplex.compress.io import is_compressed
+    from loraplex.compression.io import is_compressed
     from loraplex.data import load_splits
     from loraplex.train import classifier, default_model_path
 

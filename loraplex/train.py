@@ -331,7 +331,7 @@ def classifier(model_dir: str, num_labels: int) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from loraplex.compress.io import is_compressed, load_compressed
+    from loraplex.compression.io import is_compressed, load_compressed
 
     if not is_compressed(model_dir):
         return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)

@@ -22,7 +22,7 @@ from loraplex.analysis import (
     tail_error,
 )
 from loraplex.analysis.report import layer_report, markdown, plot, summary
-from loraplex.compress.layers import LowRankLinear
+from loraplex.compression.layers import LowRankLinear
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from loraplex.compress.layers import LowRankConv2d, LowRankLinear
+from loraplex.compression.layers import LowRankConv2d, LowRankLinear
 from loraplex.lowrank import TRP, Autoencoder, Cuttlefish, LowRankLatent, energy_rank, nuclear_penalty, stable_rank
 from loraplex.lowrank.cuttlefish import ema, is_stable
 

@@ -4,7 +4,7 @@ Rows (plain dicts, in module order):
 
 * ``name``: the layer's module name; ``kind``: ``linear`` (``nn.Linear`` / transformers'
   ``Conv1D``), ``conv`` (``nn.Conv2d``, its kernel viewed as ``(N, C*kh*kw)``), ``low-rank`` (a
-  :data:`~loraplex.compress.layers.LOW_RANK_LAYERS` layer: its ``dense_weight()``; its inner
+  :data:`~loraplex.compression.layers.LOW_RANK_LAYERS` layer: its ``dense_weight()``; its inner
   ``down`` / ``up`` are not reported apart) or ``adapter`` (``delta_weight()`` of an adapter).
   An adapted layer gives two rows (our design): its frozen root weight (``kind`` of the root) and
   then one ``adapter`` row per adapter of its stack, innermost first, with the same ``name`` and
@@ -35,7 +35,7 @@ from loraplex.analysis.spectra import (
     singular_values,
     stable_rank,
 )
-from loraplex.compress.layers import LOW_RANK_LAYERS
+from loraplex.compression.layers import LOW_RANK_LAYERS
 from loraplex.inject import Targets, _head_names, adapters, match
 
 Row = dict[str, Any]
@@ -252,7 +252,7 @@ def load_model(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | N
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from loraplex.compress.io import is_compressed, load_compressed
+    from loraplex.compression.io import is_compressed, load_compressed
     from loraplex.io import TENSOR_FILE, load, read_spec, read_tensors
     from loraplex.train import model_path
 

@@ -19,7 +19,7 @@ and, by symmetry (transpose everything), with ``U`` fixed each column ``v_j = (�
 Decisions (not pinned down by the survey):
 
 * The normal equations are solved by Cholesky, in float64 on CPU (float32 on accelerators, as
-  ``loraplex.compress.layers.svd``); a row with fewer than ``r`` observed entries and ``λ = 0`` has a
+  ``loraplex.compression.layers.svd``); a row with fewer than ``r`` observed entries and ``λ = 0`` has a
   singular system, solved by the pseudo-inverse: the minimum-norm minimiser is still a block minimiser.
 * ``reg = 0`` by default: exact recovery of planted low-rank matrices needs no bias; ``reg > 0`` is the
   ridge-regularised ALS of the survey's missing-data chapter.
@@ -64,7 +64,7 @@ class Fit:
 
 
 def work_dtype(device: torch.device) -> torch.dtype:
-    """float64 on CPU, float32 on accelerators (as ``loraplex.compress.layers.svd``)."""
+    """float64 on CPU, float32 on accelerators (as ``loraplex.compression.layers.svd``)."""
     return torch.float64 if device.type == "cpu" else torch.float32
 
 

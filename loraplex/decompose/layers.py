@@ -1,6 +1,6 @@
 """Compressed linear layers from Jun Lu's survey (https://arxiv.org/abs/2408.05883): Kronecker and Hadamard.
 
-Alternatives to ``loraplex.compress.layers.LowRankLinear`` (``W ≈ U V``, ``r (in + out)`` weights) for
+Alternatives to ``loraplex.compression.layers.LowRankLinear`` (``W ≈ U V``, ``r (in + out)`` weights) for
 ``loraplex.compress(method="kronecker" | "hadamard")``:
 
 * :class:`KroneckerLinear`: ``W ≈ Σ_{t < T} A_t ⊗ B_t``, A (T, m1, n1), B (T, m2, n2), ``out = m1 m2``,

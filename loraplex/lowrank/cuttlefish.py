@@ -10,7 +10,7 @@ most ``τ``, the EMA being taken over the per-epoch ``sr`` sequence with weight 
 ``× 2·tau_scale`` (5) when 1 does (``utils.layer_rank_stable_detector``; the count is taken before the epoch's
 checks). A stable layer stays stable. When all are, :attr:`Cuttlefish.ready` is set and the loop calls
 :meth:`Cuttlefish.switch` before the next epoch: each tracked layer becomes ``(U√Σ)_r̂ (√ΣVᵀ)_r̂``
-(:func:`~loraplex.compress.layers.factorize`). After the switch, :meth:`Cuttlefish.before_step` adds the
+(:func:`~loraplex.compression.layers.factorize`). After the switch, :meth:`Cuttlefish.before_step` adds the
 Frobenius decay, the exact gradient of ``λ/2 ‖U V‖_F²`` (``U = up (out, r)``, ``V = down (r, in)``)::
 
     ∂/∂U = λ (U V) Vᵀ,    ∂/∂V = λ Uᵀ (U V)          (``utils.apply_fd``; λ the weight-decay coefficient)
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_int, check_nonnegative
-from loraplex.compress.layers import LOW_RANK_LAYERS, break_even_rank, factorize, svd
+from loraplex.compression.layers import LOW_RANK_LAYERS, break_even_rank, factorize, svd
 from loraplex.lowrank.trp import find_targets, set_submodule
 
 

@@ -8,8 +8,8 @@ after the backward of the same iteration the nuclear-norm sub-gradient of the *t
 
     W.grad += λ · U_k V_kᵀ          (λ = nuclear_weight, the paper's 3e-4)
 
-At the end :meth:`TRP.finalize` replaces each targeted layer by a :class:`~loraplex.compress.layers.LowRankLinear`
-/ :class:`~loraplex.compress.layers.LowRankConv2d` at the rank ``#{σ_i > final_threshold}`` (``ValueThreshold(0.05)``
+At the end :meth:`TRP.finalize` replaces each targeted layer by a :class:`~loraplex.compression.layers.LowRankLinear`
+/ :class:`~loraplex.compression.layers.LowRankConv2d` at the rank ``#{σ_i > final_threshold}`` (``ValueThreshold(0.05)``
 of the reference's ``decompose.py``), only where that rank saves parameters.
 
 Where the replacement happens in the loop contract of :mod:`loraplex.rank.base` (``loss.backward();
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_fraction, check_int, check_nonnegative
-from loraplex.compress.layers import break_even_rank, factorize, svd
+from loraplex.compression.layers import break_even_rank, factorize, svd
 from loraplex.inject import match
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraplex.compress.layers import LowRankLinear
+from loraplex.compression.layers import LowRankLinear
 from loraplex.io import atomic_write, read_json, read_tensors, write_json, write_tensors
 
 FORMAT = "loraplex-compressed"
@@ -63,7 +63,7 @@ def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write ``model`` (compressed by :func:`loraplex.compress.compress`) to ``directory``; returns its path."""
+    """Write ``model`` (compressed by :func:`loraplex.compress`) to ``directory``; returns its path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     params = list(model.parameters())

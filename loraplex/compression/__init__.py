@@ -1,8 +1,8 @@
 """Low-rank compression: factorised layers, one-shot decomposition (LoRD), saving and loading."""
 
-from loraplex.compress.io import is_compressed, load_compressed, save_compressed
-from loraplex.compress.layers import LowRankConv2d, LowRankLinear, factorize, svd_factors
-from loraplex.compress.lord import Choice, compress, plan
+from loraplex.compression.io import is_compressed, load_compressed, save_compressed
+from loraplex.compression.layers import LowRankConv2d, LowRankLinear, factorize, svd_factors
+from loraplex.compression.lord import Choice, compress, plan
 
 __all__ = [
     "Choice",

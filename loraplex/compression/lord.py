@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/2309.14021. Each targeted linear layer ``y = W x + b``
 (``W`` of shape ``(out, in)``) becomes two, ``y = W1 (W2 x) + b'`` with ``W1 (out, r)``,
-``W2 (r, in)``, without retraining (:class:`~loraplex.compress.layers.LowRankLinear`). A layer is
+``W2 (r, in)``, without retraining (:class:`~loraplex.compression.layers.LowRankLinear`). A layer is
 replaced only where ``r (in + out) < in * out``, i.e. where that saves parameters.
 
 The paper does not say how the factors are found (methods.md §13: "not pinned down"); both
@@ -24,7 +24,7 @@ Two alternatives from Jun Lu's survey (https://arxiv.org/abs/2408.05883), with `
 ``method="kronecker"`` (``W ≈ Σ_t A_t ⊗ B_t``, the nearest Kronecker sum) and ``method="hadamard"``
 (``W ≈ (W1 Z1) ⊙ (W2 Z2)`` by alternating least squares), see :mod:`loraplex.decompose.layers`.
 
-Rank selection (exactly one of; see :mod:`loraplex.compress.allocate`): ``rank`` (an int for
+Rank selection (exactly one of; see :mod:`loraplex.compression.allocate`): ``rank`` (an int for
 every layer, or ``{layer name: rank}``), ``energy`` (keep that fraction of each layer's spectral
 energy), ``ratio`` (keep that fraction of the targeted weight parameters, spread across layers to
 minimise the sum of relative errors; ``allocation="uniform"``: that fraction of every layer).
@@ -50,8 +50,8 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_fraction, is_linear, weight_of
-from loraplex.compress.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio, by_uniform_ratio
-from loraplex.compress.layers import LowRankLinear, split_factors, svd
+from loraplex.compression.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio, by_uniform_ratio
+from loraplex.compression.layers import LowRankLinear, split_factors, svd
 from loraplex.inject import Targets, resolve
 
 METHODS = ("svd", "activation", "kronecker", "hadamard")

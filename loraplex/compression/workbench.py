@@ -4,8 +4,8 @@ The report (printed, and written to ``report.json`` / ``report.md`` in the outpu
 parameters before and after (whole model and targeted layers), the seconds the decomposition took,
 the mean cosine between the original and compressed sentence embeddings on the test texts, and the
 test accuracy of a logistic-regression head fitted on each model's train embeddings
-(:mod:`loraplex.compress.quality`). The folder loads back with
-``loraplex.compress.load_compressed(out)`` and holds the tokenizer, so
+(:mod:`loraplex.compression.quality`). The folder loads back with
+``loraplex.load_compressed(out)`` and holds the tokenizer, so
 ``loraplex finetune --model out`` fine-tunes the compressed encoder (LoRD followed by LoRA).
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraplex.compress.io import is_compressed, load_compressed, save_compressed
-from loraplex.compress.lord import plan
-from loraplex.compress.quality import embed, head_accuracy, mean_cosine
+from loraplex.compression.io import is_compressed, load_compressed, save_compressed
+from loraplex.compression.lord import plan
+from loraplex.compression.quality import embed, head_accuracy, mean_cosine
 from loraplex.data import load_splits
 from loraplex.io import write_json
 from loraplex.train import model_path

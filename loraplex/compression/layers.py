@@ -1,6 +1,6 @@
 """Factorised layers: one linear (or convolution) layer replaced by two thinner ones, ``W ≈ U V``.
 
-Shared by one-shot compression (LoRD, :mod:`loraplex.compress.lord`) and low-rank training
+Shared by one-shot compression (LoRD, :mod:`loraplex.compression.lord`) and low-rank training
 (TRP, Cuttlefish: :mod:`loraplex.lowrank`).
 
 * :class:`LowRankLinear`: ``y = up(down(x))`` with ``down: in -> rank`` (no bias) and
