@@ -412,3 +412,26 @@ def test_finetune_with_the_allocator(tmp_path) -> None:
     code = main([*argv, "--batch-size", "16", "--max-length", "24", "--out", str(out), "--no-progress"])
     assert code == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
+def test_batched_orth_gradients_equal_autograd_over_mixed_shapes() -> None:
+    from types import SimpleNamespace
+
+    from loraplex.rank.adalora import add_orth_gradients
+
+    torch.manual_seed(0)
+    shapes = [(3, 8, 5), (3, 8, 5), (2, 6, 9), (4, 4, 4)]  # (r, in, out): two layers share a shape
+    layers = [
+        SimpleNamespace(A=torch.randn(r, i, dtype=torch.float64, requires_grad=True),
+                        B=torch.randn(o, r, dtype=torch.float64, requires_grad=True))
+        for r, i, o in shapes
+    ]  # fmt: skip
+    with torch.no_grad():  # an exactly orthonormal A: its term has zero (sub)gradient
+        layers[3].A.copy_(torch.eye(4, dtype=torch.float64))
+    params = [p for a in layers for p in (a.A, a.B)]
+    want = torch.autograd.grad(0.3 * orth_penalty([(a.A, a.B) for a in layers]), params)
+    for p in params[:2]:
+        p.grad = torch.ones_like(p)  # existing gradients are added to
+    add_orth_gradients(layers, 0.3)
+    for i, (p, w) in enumerate(zip(params, want, strict=True)):
+        torch.testing.assert_close(p.grad, w + (1 if i < 2 else 0), rtol=1e-12, atol=1e-12)
