@@ -116,11 +116,16 @@ class BoRA(LoRA):
         live_dropout = self.training and isinstance(self.dropout, nn.Dropout)
         if not self.stacked and not live_dropout and can_fuse(x, self.weight, self.bias, self.A):
             return lowrank_linear(xc, self.weight, self.bias, self.A, self.B, self.scale, self.m_row, 1.0 / row)
-        W = self.weight.to(c.dtype)
-        z = (self.m_row / row) * (F.linear(xc, W) + self.lowrank(self.dropout(xc), self.A, self.B))  # x W'^T
+        # The frozen product runs in the base weight's dtype (bf16 models: a bf16 GEMM, not an fp32 copy of W);
+        # the column gain is applied to x first, so x diag(c) W^T = (x * c) W^T in either dtype.
+        W = self.weight
+        base_xc = xc if x.dtype == c.dtype else x * c.to(x.dtype)
+        z = (self.m_row / row) * (
+            F.linear(base_xc.to(W.dtype), W).to(c.dtype) + self.lowrank(self.dropout(xc), self.A, self.B)
+        )
         if self.stacked:
             y = self.base(x)
-            return y + (z - F.linear(x.to(c.dtype), W)).to(y.dtype)
+            return y + (z - F.linear(x.to(W.dtype), W).to(c.dtype)).to(y.dtype)
         out = z.to(x.dtype)
         return out if self.bias is None else out + self.bias
 
