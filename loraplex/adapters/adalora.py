@@ -21,6 +21,19 @@ def svd_delta(A: Tensor, E: Tensor, B: Tensor, scaling: float, ranknum: Tensor) 
     return B @ (A * E) * scaling / (ranknum + RANKNUM_EPS)
 
 
+def svd_effect(h: Tensor, A: Tensor, E: Tensor, B: Tensor, scaling: float, ranknum: Tensor) -> Tensor:
+    """``((h (A ⊙ E)ᵀ) Bᵀ) · scaling / (ranknum + 1e-5)``: the effect on an input ``h (..., in)``, PEFT's order."""
+    return (h @ (A * E).T @ B.T) * scaling / (ranknum + RANKNUM_EPS)
+
+
+@torch.no_grad()
+def init_triplet(A: Tensor, E: Tensor, B: Tensor) -> None:
+    """PEFT's AdaLoRA init (also ElaLoRA's): ``E = 0`` (so ΔW = 0), ``A, B ~ N(0, 0.02²)``."""
+    nn.init.zeros_(E)
+    nn.init.normal_(A, mean=0.0, std=0.02)
+    nn.init.normal_(B, mean=0.0, std=0.02)
+
+
 class AdaLoRA(Adapter):
     """AdaLoRA: Adaptive Budget Allocation for PEFT (https://arxiv.org/abs/2303.10512), as HuggingFace PEFT.
 
@@ -90,18 +103,14 @@ class AdaLoRA(Adapter):
     def num_params(cls, in_features: int, out_features: int, *, rank: int = 12, **_: object) -> int:
         return rank * (in_features + out_features + 1)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.E)
-        nn.init.normal_(self.A, mean=0.0, std=0.02)
-        nn.init.normal_(self.B, mean=0.0, std=0.02)
+        init_triplet(self.A, self.E, self.B)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if not self.active:
             return y
-        h = self.dropout(x.to(self.A.dtype))
-        effect = (h @ (self.A * self.E).T @ self.B.T) * self.scaling / (self.ranknum + RANKNUM_EPS)  # PEFT's order
+        effect = svd_effect(self.dropout(x.to(self.A.dtype)), self.A, self.E, self.B, self.scaling, self.ranknum)
         return y + effect.to(y.dtype)
 
     def delta_weight(self) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
-from loraplex.adapters.adalora import RANKNUM_EPS, svd_delta
+from loraplex.adapters.adalora import init_triplet, svd_delta, svd_effect
 
 NEW_E_CAP = 1e-13  # the reference's cap on a new singular value: ``min(min|E|, 1e-13)``
 NORM_EPS = 1e-6  # the reference's guard in ``v / (||v|| + 1e-6)``
@@ -133,18 +133,14 @@ class ElaLoRA(Adapter):
     def current_rank(self) -> int:
         return self.A.shape[0]
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.E)
-        nn.init.normal_(self.A, mean=0.0, std=0.02)
-        nn.init.normal_(self.B, mean=0.0, std=0.02)
+        init_triplet(self.A, self.E, self.B)  # the reference's (PEFT-derived) init
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if not self.active:
             return y
-        h = self.dropout(x.to(self.A.dtype))
-        effect = (h @ (self.A * self.E).T @ self.B.T) * self.scaling / (self.ranknum + RANKNUM_EPS)  # reference order
+        effect = svd_effect(self.dropout(x.to(self.A.dtype)), self.A, self.E, self.B, self.scaling, self.ranknum)
         return y + effect.to(y.dtype)
 
     def delta_weight(self) -> Tensor:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from loraplex.compression.layers import split_factors
+
 INITS = ("svd", "random")
 
 
@@ -167,8 +169,7 @@ def svd_start(W: Tensor, weights: Tensor | None, rank: int) -> tuple[Tensor, Ten
     """``(U_r Σ_r^½, Σ_r^½ V_rᵀ)`` of the zero-filled ``Ω ⊙ W`` rescaled by the observed fraction."""
     X = W if weights is None else weights * W / weights.mean().clamp_min(1e-12)
     u, s, vh = torch.linalg.svd(X, full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+    return split_factors(u, s, vh, rank)
 
 
 def als(
