@@ -13,8 +13,11 @@ shapes = st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 23), st.
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, bias=st.booleans(), dora=st.booleans(), x_grad=st.booleans(), seed=st.integers(0, 2**16))
-def test_lowrank_linear_matches_autograd(shape, bias, dora, x_grad, seed) -> None:
+@given(
+    shape=shapes, bias=st.booleans(), dora=st.booleans(), given_v=st.booleans(), x_grad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_lowrank_linear_matches_autograd(shape, bias, dora, given_v, x_grad, seed) -> None:
     batch, seq, n_in, n_out, r = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -30,7 +33,8 @@ def test_lowrank_linear_matches_autograd(shape, bias, dora, x_grad, seed) -> Non
     leaves = [t for t in (x, A, B, m) if t is not None and t.requires_grad]
     gy = rand(batch, seq, n_out)
 
-    got = lowrank_linear(x, W, b, A, B, s, m, inv)
+    V = torch.addmm(W, B, A, alpha=s).detach() if dora and given_v else None  # DoRA's direction, if the caller has it
+    got = lowrank_linear(x, W, b, A, B, s, m, inv, V)
     z = F.linear(x, W) + s * F.linear(F.linear(x, A), B)
     want = (z * (m * inv) if dora else z) + (b if bias else 0)
     torch.testing.assert_close(got, want)

@@ -19,10 +19,11 @@ def bidirectional_gains(V: Tensor, m_col: Tensor) -> tuple[Tensor, Tensor]:
     ``W' = diag(m_row / row) V diag(c)``. Shapes: V (out, in), m_col (in,) -> c (in,), row (out,).
     """
     with torch.no_grad():
-        col = torch.linalg.vector_norm(V, dim=0).clamp_min(NORM_EPS)  # (in,)
+        V2 = V.square()  # (out, in): one pass gives both norms
+        col = V2.sum(0).sqrt_().clamp_min_(NORM_EPS)  # (in,)
     c = m_col / col
     with torch.no_grad():
-        row = torch.linalg.vector_norm(V * c, dim=1).clamp_min(NORM_EPS)  # (out,): ‖U‖_row, U = V diag(c)
+        row = (V2 @ c.square()).sqrt_().clamp_min_(NORM_EPS)  # (out,): ‖U‖_row² = Σ_j V_ij² c_j², U = V diag(c)
     return c, row
 
 
@@ -102,20 +103,20 @@ class BoRA(LoRA):
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise NotImplementedError("bora has no HuggingFace PEFT equivalent")
 
-    def gains(self) -> tuple[Tensor, Tensor]:
-        """``(c, row)`` of the current weights, see ``bidirectional_gains``: (in,), (out,)."""
+    def gains(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c, row, V)`` of the current weights, see ``bidirectional_gains``: (in,), (out,), (out, in)."""
         with torch.no_grad():
             V = torch.addmm(self.weight.to(self.A.dtype), self.B, self.A, alpha=self.scale)  # (out, in)
-        return bidirectional_gains(V, self.m_col)
+        return (*bidirectional_gains(V, self.m_col), V)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return self.base(x)
-        c, row = self.gains()
+        c, row, V = self.gains()
         xc = x.to(c.dtype) * c  # (..., in)
         live_dropout = self.training and isinstance(self.dropout, nn.Dropout)
         if not self.stacked and not live_dropout and can_fuse(x, self.weight, self.bias, self.A):
-            return lowrank_linear(xc, self.weight, self.bias, self.A, self.B, self.scale, self.m_row, 1.0 / row)
+            return lowrank_linear(xc, self.weight, self.bias, self.A, self.B, self.scale, self.m_row, 1.0 / row, V)
         # The frozen product runs in the base weight's dtype (bf16 models: a bf16 GEMM, not an fp32 copy of W);
         # the column gain is applied to x first, so x diag(c) W^T = (x * c) W^T in either dtype.
         W = self.weight

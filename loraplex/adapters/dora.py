@@ -81,17 +81,21 @@ class DoRA(LoRA):
         return bool(config.get("use_dora", False))
 
     @torch.no_grad()
+    def direction(self) -> Tensor:
+        """``V = W0 + s B A`` in the adapter dtype (fp32), no gradient: (out, in)."""
+        return torch.addmm(self.weight.to(self.A.dtype), self.B, self.A, alpha=self.scale)
+
     def row_norm(self) -> Tensor:
-        """``‖W0 + s B A‖`` per output row in the adapter dtype (fp32), no gradient: (out,)."""
-        V = torch.addmm(self.weight.to(self.A.dtype), self.B, self.A, alpha=self.scale)  # (out, in)
-        return torch.linalg.vector_norm(V, dim=1)
+        """``‖W0 + s B A‖`` per output row, no gradient: (out,)."""
+        return torch.linalg.vector_norm(self.direction(), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return self.base(x)
-        inv_norm = 1.0 / self.row_norm().clamp_min(NORM_EPS)  # (out,), a constant (paper 4.3)
-        if self.fusable(x):
-            return lowrank_linear(x, self.weight, self.bias, self.A, self.B, self.scale, self.m, inv_norm)
+        V = self.direction()  # (out, in)
+        inv_norm = 1.0 / torch.linalg.vector_norm(V, dim=1).clamp_min(NORM_EPS)  # (out,), a constant (paper 4.3)
+        if self.fusable(x):  # one GEMM by V (fp32 throughout)
+            return lowrank_linear(x, self.weight, self.bias, self.A, self.B, self.scale, self.m, inv_norm, V)
         g = self.m * inv_norm  # (out,)
         dx = self.dropout(x)
         lora = self.lowrank(dx, self.A, self.B)  # (..., out)
