@@ -13,7 +13,7 @@ way, no in-place low-rank passes): MiniLM 32 x 32 on CPU, DoRA went from 1.22x t
 step. The same merged product for LoRA itself (building ``V`` per step) measured no faster than the
 skinny products (1.226x vs 1.225x the frozen model), so LoRA keeps them: it needs no ``(out, in)``
 work per step, which wins for small batches.
-""""""
+"""
 
 from __future__ import annotations
 
