@@ -8,9 +8,9 @@ the base input gradient in place, and (3) orders the skinny products so BLAS rea
 ``(N, out)`` gradient row-major: ``B^T gy^T`` and ``h^T gy`` run 2.3x and 4x faster than the
 ``gy B`` and ``gy^T h`` that autograd's ``mm`` backward picks (measured, see benchmarks/).
 
-DoRA builds ``V = W + s B A`` for its norm anyway, so its node multiplies by ``V`` (one GEMM each
-way, no in-place low-rank passes): MiniLM 32 x 32 on CPU, DoRA went from 1.22x to 1.05x LoRA's
-step. The same merged product for LoRA itself (building ``V`` per step) measured no faster than the
+DoRA builds ``V = W + s B A`` for its norm anyway, so with many rows its node multiplies by ``V``
+(one GEMM each way, no in-place low-rank passes): MiniLM 32 x 32 on CPU, DoRA went from 1.22x to
+1.05x LoRA's step. The same merged product for LoRA itself (building ``V`` per step) measured no faster than the
 skinny products (1.226x vs 1.225x the frozen model), so LoRA keeps them: it needs no ``(out, in)``
 work per step, which wins for small batches.
 """
@@ -33,22 +33,32 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, s: float,
                 m: Tensor | None, inv_norm: Tensor | None, V: Tensor | None) -> Tensor:  # fmt: skip
-        ctx.s = s
+        ctx.s, ctx.by_v = s, False
         if m is None:
             hT = A @ x.T  # (r, N): 1.3-1.5x faster than x @ A.T on CPU
             y = x @ W.T if b is None else torch.addmm(b, x, W.T)  # (N, out): the base GEMM
             y.addmm_(hT.T, B.T, alpha=s)  # low-rank product added in place
             ctx.save_for_backward(x, W, A, B, hT, None, None, None)
             return y
-        # DoRA: the direction V = W + s B A is built for its norm anyway, so one GEMM by V gives z and
-        # the skinny x A^T and the in-place adds leave the forward (x A^T moves to backward, for B's grad).
+        # DoRA: with many rows, one GEMM by the direction V = W + s B A (built for the norm anyway) replaces
+        # the skinny x A^T and the in-place add (x A^T moves to backward, for B's gradient). Break-even
+        # measured on CPU: MiniLM (N = 1024, 384 <-> 1536) 1.22x -> 1.05x LoRA's step; one 1024-wide
+        # layer at N = 512, where V costs as much as the skinny products, 1.08x -> 1.18x: so only when
+        # N (in + out) >= 2 in out, i.e. when the (N, ·) passes it saves outweigh V's (out, in) ones.
         assert inv_norm is not None
-        if V is None:
-            V = torch.addmm(W, B, A, alpha=s)  # (out, in)
-        z = x @ V.T  # (N, out), kept for the gradient of m
+        n_out, n_in = W.shape
+        by_v = x.shape[0] * (n_in + n_out) >= 2 * n_in * n_out
+        if by_v:
+            z = x @ (torch.addmm(W, B, A, alpha=s) if V is None else V).T  # (N, out), kept for m's gradient
+            hT = None
+        else:
+            hT = A @ x.T  # (r, N)
+            z = x @ W.T
+            z.addmm_(hT.T, B.T, alpha=s)
         g = m * inv_norm  # (out,)
         y = torch.mul(z, g) if b is None else torch.addcmul(b, z, g)
-        ctx.save_for_backward(x, W, A, B, None, m, inv_norm, z)  # V is recomputed: no (out, in) copy kept
+        ctx.save_for_backward(x, W, A, B, hT, m, inv_norm, z)  # V is recomputed: no (out, in) copy kept
+        ctx.by_v = by_v
         return y
 
     @staticmethod
@@ -70,11 +80,11 @@ class _LowRankLinear(torch.autograd.Function):
             gB = (hT @ gy).T.mul(s).contiguous()  # (out, r)
         gx = None
         if ctx.needs_input_grad[0]:
-            if m is None:
+            if ctx.by_v:
+                gx = gy @ torch.addmm(W, B, A, alpha=s)  # (N, in): by V, no second pass over gx
+            else:
                 gx = gy @ W  # (N, in)
                 gx.addmm_(ghT.T, A)
-            else:
-                gx = gy @ torch.addmm(W, B, A, alpha=s)  # (N, in): by V, no second pass over gx
         return gx, None, None, gA, gB, None, gm, None, None
 
 
