@@ -53,6 +53,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from loraplex.compression.layers import LOW_RANK_LAYERS
+from loraplex.io import write_figure, write_text
 from loraplex.lowrank import TRP, Autoencoder, Cuttlefish, LowRankLatent
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+        write_text(args.markdown, text)
     if args.plot and points:
         plot(points, args.plot)
 
@@ -320,7 +321,7 @@ def plot(points: dict[str, list[tuple[str, int, float]]], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -26,6 +25,7 @@ from loraplex.compression.lord import plan, randomized_factors
 from loraplex.compression.quality import embed, head_accuracy, mean_cosine
 from loraplex.compression.workbench import calibration_batches
 from loraplex.data import load_splits
+from loraplex.io import write_text
 from loraplex.train import default_model_path
 
 
@@ -121,7 +121,7 @@ def main() -> None:
     text = "\n".join(out)
     print(text)
     if args.markdown:
-        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
+        write_text(args.markdown, text + "\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loraplex.io import write_figure, write_text
+
 SETUPS: dict[str, list[str]] = {
     "lora (AdamW)": ["--method", "lora", "--rank", "8", "--alpha", "16"],
     "lora+ (ratio 16)": ["--method", "lora", "--rank", "8", "--alpha", "16", "--optimizer", "lora-plus"],
@@ -66,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     table = "\n".join(lines)
     print(table)
-    (args.out / "results.md").write_text(
-        table + f"\n\nMiniLM-L6, embedded data, {args.epochs:g} epoch(s), seed {args.seed}.\n"
+    write_text(
+        args.out / "results.md", table + f"\n\nMiniLM-L6, embedded data, {args.epochs:g} epoch(s), seed {args.seed}.\n"
     )
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     try:
         import matplotlib
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("training loss (10-step mean)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "losses.png", dpi=120)
+    write_figure(fig, args.out / "losses.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ import torch
 from torch import Tensor, nn
 
 import loraplex
+from loraplex.io import write_text
 from loraplex.rank import ALLOCATORS
 
 NUM_LABELS, VOCAB, LR, TOL, SEED = 14, 30522, 1e-4, 1e-4, 0
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": meta, "results": results}, indent=2) + "\n")
+        write_text(args.json, json.dumps({"config": meta, "results": results}, indent=2) + "\n")
     if args.markdown:
         md = markdown(table)
         note = f"\n{what}, batch {args.batch} x {args.seq_len} tokens, {args.dtype}, {meta['device']}, median of {args.repeats} interleaved repeats of {args.steps} steps.\n"  # noqa: E501
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
             note += "\nAllocator bookkeeping per step (median), as a share of the step:\n\n"
             note += "\n".join(markdown(alloc)) + "\n"
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("\n".join(md) + "\n" + note)
+        write_text(args.markdown, "\n".join(md) + "\n" + note)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ from loraplex._version import __version__
 from loraplex.adapter import Adapter, Factorized
 from loraplex.adapters import METHODS
 from loraplex.compression import compress, load_compressed, save_compressed
+from loraplex.convert import to_lora
 from loraplex.inject import adapt, adapters, advance, disabled, merge, track_steps, unload
 from loraplex.io import load, save
+from loraplex.multi import enable_adapter_names, hotswap, mixed_batch, prepare_hotswap
 from loraplex.peft_io import export_peft, import_peft
 
 __all__ = [
@@ -18,13 +20,18 @@ __all__ = [
     "advance",
     "compress",
     "disabled",
+    "enable_adapter_names",
     "export_peft",
+    "hotswap",
     "import_peft",
     "load",
     "load_compressed",
     "merge",
+    "mixed_batch",
+    "prepare_hotswap",
     "save",
     "save_compressed",
+    "to_lora",
     "track_steps",
     "unload",
 ]

@@ -9,9 +9,12 @@ name and swapped in by renames, so a run killed while saving keeps its previous 
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,23 @@ def set_random_state(text: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     torch.set_rng_state(tensors["torch"])
 
 
+def recover(directory: str | os.PathLike[str]) -> Path:
+    """Put the previous checkpoint back if a save was killed between its two renames; returns the path.
+
+    ``save_checkpoint`` renames the old folder to ``<name>.old`` then the new one to ``<name>``: a kill
+    in between leaves only ``<name>.old``, which is complete (issue 10: saves are atomic).
+    """
+    final = Path(directory)
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.is_dir():
+        try:
+            old.rename(final)
+        except OSError:  # under torchrun every process resumes: another one may have put it back first
+            if not final.is_dir():
+                raise
+    return final
+
+
 def save_checkpoint(
     directory: str | os.PathLike[str],
     model: nn.Module,
@@ -87,7 +107,7 @@ def save_checkpoint(
     allocator: Any = None,
 ) -> Path:
     """Write the checkpoint to ``directory`` (replaced whole, by renames)."""
-    final = Path(directory)
+    final = recover(directory)  # never delete the only complete copy below
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -111,6 +131,58 @@ def save_checkpoint(
     return final
 
 
+# torch optimizers whose per-parameter state tensors (but ``step``) have the parameter's shape
+ELEMENTWISE = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop,
+    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta, torch.optim.Rprop,
+)  # fmt: skip
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, where: Path) -> None:
+    """Refuse a saved optimizer state that torch would load silently and fail on (or compute garbage) later.
+
+    Every state tensor but ``step`` must be floating (an int or bool tensor is refused; a float16
+    one is cast by torch's ``load_state_dict`` to the parameter's dtype: decision, same kind only);
+    for the element-wise optimizers in ``ELEMENTWISE`` every such tensor with a dimension must have
+    its parameter's shape. (Other optimizers, e.g. LoRA-Pro, keep other shapes: only dtypes are checked.)
+    """
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise ValueError(f"{where}: the optimizer state is malformed")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in saved["state"].items():
+        if not isinstance(idx, int) or not 0 <= idx < len(params) or not isinstance(st, dict):
+            raise ValueError(f"{where}: optimizer state for parameter {idx!r} does not fit {len(params)} parameters")
+        for k, v in st.items():
+            for t in v if isinstance(v, list) else [v]:
+                if not isinstance(t, Tensor) or k == "step":
+                    continue
+                name = f"/optimizer/state/{idx}/{k}"
+                if not t.dtype.is_floating_point:
+                    raise ValueError(f"{where}: tensor {name!r} has dtype {t.dtype}, the optimizer needs a float")
+                if isinstance(optimizer, ELEMENTWISE) and t.dim() and t.shape != params[idx].shape:
+                    raise ValueError(
+                        f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                        f"but parameter {idx} has shape {tuple(params[idx].shape)}"
+                    )
+
+
+@contextmanager
+def all_or_nothing(directory: Path, *objects: Any) -> Iterator[None]:
+    """Restore ``objects`` (anything with ``state_dict`` / ``load_state_dict``) and the random state on error.
+
+    Any error inside becomes a ``ValueError`` naming the checkpoint: a bad checkpoint leaves the run as it was.
+    """
+    kept = [(o, copy.deepcopy(o.state_dict())) for o in objects if o is not None]
+    rng = random_state()
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, AttributeError) as e:
+        for o, state in kept:
+            o.load_state_dict(state)
+        set_random_state(*rng)
+        raise ValueError(f"checkpoint {directory} does not fit this run: {e}") from e
+
+
 def load_checkpoint(
     directory: str | os.PathLike[str],
     optimizer: torch.optim.Optimizer,
@@ -123,20 +195,23 @@ def load_checkpoint(
     caller *before* it builds the optimizer over the loaded adapters (same parameter order as the
     saved run, since the spec re-creates the same modules in the same order).
     """
-    directory = Path(directory)
+    directory = recover(directory)
     meta = read_json(directory / STATE_JSON)
+    if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and isinstance(meta.get("random"), dict)):
+        raise ValueError(f"{directory / STATE_JSON} is not a training state (an object with 'state' and 'random')")
     tensors = read_tensors(directory / STATE_TENSORS)
-    state = join_state(meta["state"], tensors)
-    try:
+    with all_or_nothing(directory, optimizer, scheduler, allocator):  # issue 10: a bad file changes nothing
+        state = join_state(meta["state"], tensors)
+        check_optimizer_state(optimizer, state["optimizer"], directory / STATE_TENSORS)
         optimizer.load_state_dict(state["optimizer"])
-    except ValueError as e:
-        raise ValueError(f"checkpoint {directory}: the optimizer state does not fit this run: {e}") from e
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if allocator is not None and state["allocator"] is not None:
-        allocator.load_state_dict(state["allocator"])
-    set_random_state(meta["random"], {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("rng/")})
-    return int(state["step"])
+        if scheduler is not None and state["scheduler"] is not None:
+            if set(state["scheduler"]) != set(scheduler.state_dict()):
+                raise ValueError(f"the scheduler state has keys {sorted(state['scheduler'])}")
+            scheduler.load_state_dict(state["scheduler"])
+        if allocator is not None and state["allocator"] is not None:
+            allocator.load_state_dict(state["allocator"])
+        set_random_state(meta["random"], {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("rng/")})
+        return int(state["step"])
 
 
-__all__ = ["join_state", "load_checkpoint", "save_checkpoint", "split_state"]
+__all__ = ["join_state", "load_checkpoint", "recover", "save_checkpoint", "split_state"]

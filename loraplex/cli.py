@@ -83,12 +83,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         fsdp=args.fsdp,
         progress=not args.no_progress,
+        dist_timeout=args.dist_timeout,
     )
     try:
         finetune(cfg)
     except ValueError as e:
         print(f"loraplex finetune: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NonFiniteError: a NaN / inf loss, the last good checkpoint kept
+        print(f"loraplex finetune: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -202,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: one per epoch)")
     f.add_argument("--fsdp", action="store_true", help="FullyShardedDataParallel (under torchrun)")
     f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    f.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="under torchrun: wait this long for the other processes, then fail "
+                   "(default: $LORAPLEX_DIST_TIMEOUT, else 600)")  # fmt: skip
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("compare", help="several methods on one model and data set at a matched parameter budget")

@@ -32,7 +32,7 @@ from torch import nn
 from loraplex.adapter import restoring
 from loraplex.adapters import METHODS
 from loraplex.inject import Targets, bind_options, layers, resolve
-from loraplex.io import write_json
+from loraplex.io import write_figure, write_json, write_text
 
 SIZE_RANGE = range(1, 4097)
 
@@ -259,7 +259,7 @@ def plot(rows: list[dict[str, Any]], budget: int, path: Path) -> bool:
     ax.set_ylabel("test accuracy")
     ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -296,7 +296,7 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     md = table(rows, budget)
     note = f"\n\nBudget {budget:,} adapter parameters, {cfg.epochs:g} epoch(s), {cfg.seeds} seed(s)"
     note += f"; model {model_dir}.\n"
-    (out / "results.md").write_text(md + note)
+    write_text(out / "results.md", md + note)
     write_json(out / "results.json", {"budget": budget, "config": asdict(cfg), "results": rows})
     plotted = plot(rows, budget, out / "plot.png")
     print(md)

@@ -12,32 +12,44 @@ Nothing is ever unpickled: JSON is parsed with ``json`` and tensors read with sa
 Each file is written to a temporary name in the same folder, flushed, then renamed over the old
 one, so a save killed at any point leaves every previous file intact. The tensors are renamed
 into place before the spec.
+
+Integrity: safetensors has no checksum, so a flipped byte in the data would load as a wrong value.
+``write_tensors`` stores a SHA-256 of every tensor (name, dtype, shape, bytes) in the file's
+metadata (``loraplex_sha256``) and ``read_tensors`` recomputes it; the adapter spec repeats it
+(``tensors_sha256``), so a folder whose tensors and spec come from two different saves (a save
+killed between the two renames, or files copied by hand) is refused instead of mixing versions.
+Files without the digest (written by another tool, or edited by hand) are read without this check;
+shapes, dtypes and names are still checked against the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from loraplex._version import __version__
 from loraplex.adapter import Adapter, linear_sizes, restoring
 from loraplex.adapters import METHODS
-from loraplex.inject import adapters, add_trained, bind_options, build, layers, trained_modules
+from loraplex.inject import NAME_RE, adapters, add_trained, bind_options, build, layers, trained_modules
 
 FORMAT = "loraplex.adapter"
 FORMAT_VERSION = 1
 SPEC_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
-SPEC_KEYS = {"format", "format_version", "loraplex_version", "adapters", "train"}
+SPEC_KEYS = {"format", "format_version", "loraplex_version", "adapters", "train", "tensors_sha256"}
+DIGEST_KEY = "loraplex_sha256"
 ENTRY_KEYS = {"name", "method", "options", "layers", "sizes"}
 
 
@@ -60,7 +72,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    """Write ``obj`` as indented JSON atomically (NaN / inf refused: they are not JSON)."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
 
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
@@ -68,20 +85,80 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write(path, write)
 
 
-def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Tensor]) -> None:
+def write_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """``fig.savefig(path, **kwargs)`` atomically; the format comes from the suffix (``.png``)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def save_pretrained(obj: Any, directory: str | os.PathLike[str]) -> None:
+    """``obj.save_pretrained`` (a HuggingFace tokenizer or model) with every file renamed into place.
+
+    The files are written to a temporary folder inside ``directory``, fsynced, then each one is
+    renamed over its old version, so no file is ever half-written. (Several files are not swapped as
+    one: a save killed between two renames leaves some new and some old files, each complete.)
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save_pretrained.", dir=d))
+    try:
+        obj.save_pretrained(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                target = d / f.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (hex)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Tensor]) -> str:
+    """Write ``tensors`` to a safetensors file atomically; returns their :func:`digest` (also in the metadata)."""
     # clone: safetensors refuses tensors that share storage (tied weights)
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
+    sha = digest(cpu)
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt", DIGEST_KEY: sha}))
+    return sha
+
+
+def tensor_digest(path: Path) -> str | None:
+    """The digest stored in a safetensors file's metadata by :func:`write_tensors`, if any."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    return meta.get(DIGEST_KEY)
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
-    """Tensors of a safetensors file; anything else (a pickle, a truncated file) is a ``ValueError``."""
+    """Tensors of a safetensors file; anything else (a pickle, a truncated or corrupted file) is a ``ValueError``.
+
+    The file is parsed by safetensors alone (a header of JSON and raw bytes: nothing is executed).
+    When the metadata holds a digest (files from :func:`write_tensors`), the tensors must match it.
+    """
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    want = tensor_digest(path)
+    if want is not None and digest(tensors) != want:
+        raise ValueError(f"{path} is corrupted: its tensors do not match the SHA-256 {want[:12]}... stored at save")
+    return tensors
 
 
 def read_json(path: Path) -> Any:
@@ -126,11 +203,56 @@ def tensors_of(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save(model: nn.Module, directory: str | os.PathLike[str], tensors: dict[str, Tensor] | None = None) -> Path:
+def saved_names(spec: dict[str, Any]) -> list[str]:
+    """The adapter names a spec holds, sorted."""
+    return sorted({e.get("name", "default") for e in spec["adapters"]})
+
+
+def only(spec: dict[str, Any], tensors: dict[str, Tensor], name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The spec and tensors of the adapter ``name`` alone (no other adapter, no ``train`` module)."""
+    if name not in saved_names(spec):
+        raise ValueError(f"name={name!r} is not an adapter of the model; its adapters are {saved_names(spec)}")
+    entries = [e for e in spec["adapters"] if e.get("name", "default") == name]
+    prefix = f"adapter.{name}."  # names have no dot: the prefix is unambiguous
+    return {**spec, "adapters": entries, "train": []}, {k: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def select(
+    spec: dict[str, Any], tensors: dict[str, Tensor], name: str, where: Path
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """For ``load(..., name=name)``: the saved adapter called ``name``, else the only one saved, renamed ``name``.
+
+    The ``train`` modules of the checkpoint are kept (they are the model's, not an adapter's).
+    """
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(f"name={name!r} must be letters, digits, '_' or '-'")
+    saved = saved_names(spec)
+    if name in saved:
+        source = name
+    elif len(saved) == 1:
+        source = saved[0]
+    else:
+        raise ValueError(f"{where} holds adapters {saved} and none is called name={name!r}")
+    entries = [{**e, "name": name} for e in spec["adapters"] if e.get("name", "default") == source]
+    prefix = f"adapter.{source}."
+    kept = {f"adapter.{name}.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
+    kept.update({k: v for k, v in tensors.items() if k.startswith("train.")})
+    return {**spec, "adapters": entries}, kept
+
+
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    tensors: dict[str, Tensor] | None = None,
+    *,
+    name: str | None = None,
+) -> Path:
     """Save the model's adapters (and ``train`` modules) to ``directory``; returns its path.
 
     ``tensors``: ``tensors_of(model)`` computed by the caller (FSDP gathers shards on every
-    process first, then one process saves).
+    process first, then one process saves). ``name``: save only the adapter called ``name`` (its
+    spec entries and tensors; no other adapter and no ``train`` module); an unknown name is a
+    ``ValueError`` listing the model's adapters.
 
     Example:
         >>> import loraplex, tempfile
@@ -140,12 +262,16 @@ def save(model: nn.Module, directory: str | os.PathLike[str], tensors: dict[str,
         ['adapter.json', 'adapter.safetensors']
     """
     spec = spec_of(model)
+    if tensors is None:
+        tensors = tensors_of(model)
+    if name is not None:
+        spec, tensors = only(spec, tensors, name)
     if not spec["adapters"] and not spec["train"]:
         raise ValueError("the model has no adapter and no trained module to save")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    write_tensors(d / TENSOR_FILE, tensors_of(model) if tensors is None else tensors)
-    write_json(d / SPEC_FILE, spec)
+    spec["tensors_sha256"] = write_tensors(d / TENSOR_FILE, tensors)
+    write_json(d / SPEC_FILE, spec)  # last: a folder is loadable only once both files are in place
     return d
 
 
@@ -192,10 +318,13 @@ def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if sizes is not None and not (ok and all(isinstance(s, list) and len(s) == 2 for s in sizes)):
             raise ValueError(f"{path}: sizes must list [in_features, out_features] for each layer, not {sizes!r}")
     _str_list(spec.get("train", []), f"{path}: train")
+    if not isinstance(spec.get("tensors_sha256", ""), str):
+        raise ValueError(f"{path}: tensors_sha256 must be a string, not {spec['tensors_sha256']!r}")
     return spec
 
 
-def _check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], where: Path) -> None:
+def check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], where: Path) -> None:
+    """``found`` must hold exactly the names of ``expected``, each with its shape and dtype (nothing is cast)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -209,8 +338,14 @@ def _check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], where:
             )
 
 
-def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Re-apply a saved spec to an un-adapted base ``model`` and load its tensors, in place.
+def load(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None) -> nn.Module:
+    """Re-apply a saved spec to a base ``model`` and load its tensors, in place.
+
+    The model may already carry adapters: the loaded ones are stacked on top (by name; a name the
+    model already has on one of the layers is a ``ValueError``). ``name`` (decided, as ``hotswap``'s
+    source): load only the saved adapter called ``name``; if none is, and the checkpoint holds a single
+    adapter, that one renamed ``name`` (so one checkpoint can be loaded twice under two names); the
+    checkpoint's ``train`` modules are loaded in every case. ``None``: every saved adapter, with its name.
 
     Every check (spec, layer names, tensor names, shapes, dtypes) runs before the model is touched:
     on any error the model is left unchanged.
@@ -218,6 +353,14 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     d = Path(directory)
     spec = read_spec(d)
     tensors = read_tensors(d / TENSOR_FILE)
+    want, got = spec.get("tensors_sha256"), tensor_digest(d / TENSOR_FILE)
+    if want is not None and got is not None and got != want:
+        raise ValueError(
+            f"{d}: {TENSOR_FILE} and {SPEC_FILE} come from different saves (the spec expects tensors with "
+            f"SHA-256 {str(want)[:12]}...); was a save interrupted or a file copied over?"
+        )
+    if name is not None:
+        spec, tensors = select(spec, tensors, name, d)
     current = layers(model)
     plan: list[tuple[str, Adapter]] = []
     with restoring():
@@ -250,7 +393,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     expected = {f"adapter.{a.name}.{layer}.{k}": v for layer, a in plan for k, v in a.own_state_dict().items()}
     for t in train:
         expected.update({f"train.{t}.{k}": v for k, v in modules[t].state_dict().items()})
-    _check_tensors(tensors, expected, d / TENSOR_FILE)
+    check_tensors(tensors, expected, d / TENSOR_FILE)
 
     with torch.no_grad():
         for layer, a in plan:

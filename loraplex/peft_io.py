@@ -8,7 +8,11 @@ method names its keys in ``peft_keys``) and ``base_model.model.<module>.<param>`
 
 Each adapter class converts its own layer (``to_peft`` / ``peft_options`` / ``load_peft``); this
 module only assembles configs, resolves patterns and does the file work. Importing checks every
-layer and tensor before the model is touched.
+layer and tensor before the model is touched; only safetensors and JSON are read (a pickled
+``adapter_model.bin`` is refused, never opened). Dtypes (decision, issue 10): a tensor of another
+floating dtype is cast to the layer's (PEFT checkpoints are often saved in half precision); an
+integer or bool tensor where a float is expected is refused. Both files are written atomically,
+the config last.
 """
 
 from __future__ import annotations
@@ -109,8 +113,10 @@ def _layer_config(config: dict[str, Any], layer: str, patterns: dict[str, str]) 
 
 
 def _method_for(config: Any, where: Path) -> str:
-    peft_type = config.get("peft_type") if isinstance(config, dict) else None
-    found = [m for m, cls in METHODS.items() if cls.peft_type == peft_type and cls.peft_matches(config)]
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must hold a JSON object (a PEFT config), not a {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    found = [m for m, cls in METHODS.items() if peft_type and cls.peft_type == peft_type and cls.peft_matches(config)]
     if len(found) != 1:
         known = sorted({cls.peft_type for cls in METHODS.values() if cls.peft_type})
         raise ValueError(f"{where}: peft_type={peft_type!r} is not one loraplex imports ({', '.join(known)})")
@@ -147,6 +153,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str], name: str =
             if layer not in found:
                 raise ValueError(f"{d}: the checkpoint adapts layer {layer!r}, which the model lacks")
             mine = {k: tensors[f"{layer}.{k}"] for k in cls.peft_keys if f"{layer}.{k}" in tensors}
+            if bad := [k for k, v in mine.items() if not v.is_floating_point()]:
+                # decision: another float dtype is cast (PEFT files are often saved in half precision), another kind not
+                raise ValueError(
+                    f"{d / WEIGHTS_FILE}: tensor {PREFIX}{layer}.{bad[0]} has dtype {mine[bad[0]].dtype}, not a float"
+                )
             try:
                 options = bind_options(method, cls.peft_options(_layer_config(config, layer, cls.peft_patterns), mine))
                 adapter = build(method, found[layer], options, name, layer)
@@ -161,8 +172,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike[str], name: str =
         state[t] = {}
         for k, v in modules[t].state_dict().items():
             got = tensors.get(f"{t}.{k}")
-            if got is None or got.shape != v.shape:
-                raise ValueError(f"{d}: modules_to_save tensor {t}.{k} is missing or of the wrong shape")
+            if got is None or got.shape != v.shape or got.is_floating_point() != v.is_floating_point():
+                raise ValueError(
+                    f"{d}: modules_to_save tensor {t}.{k} is missing or has the wrong shape or dtype: "
+                    f"{None if got is None else (tuple(got.shape), got.dtype)}, expected {(tuple(v.shape), v.dtype)}"
+                )
             state[t][k] = got
     for layer, adapter in plan:
         model.set_submodule(layer, adapter)

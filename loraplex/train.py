@@ -16,6 +16,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 
 from loraplex.adapters import METHODS
-from loraplex.checkpoint import load_checkpoint, save_checkpoint
+from loraplex.checkpoint import load_checkpoint, recover, save_checkpoint
 from loraplex.data import Split, load_splits
 from loraplex.inject import Targets, adapt, add_trained, advance, count_trainable
-from loraplex.io import load, save, tensors_of, write_json
+from loraplex.io import load, save, tensors_of, write_json, write_text
 from loraplex.rank import ALLOCATORS
 from loraplex.rank.report import adapter_ranks, heatmap
 from loraplex.rank.report import table as rank_table
@@ -35,6 +36,8 @@ from loraplex.rank.report import table as rank_table
 CHECKPOINT = "checkpoint"
 FULL = "full"  # --method full: full fine-tuning, the reference the low-rank methods are compared with
 FULL_LR = 2e-5  # BERT's fine-tuning range (Devlin et al.: 2e-5..5e-5)
+DIST_TIMEOUT = 600.0  # seconds; PyTorch's default is 30 min for gloo (10 min for NCCL)
+DIST_TIMEOUT_ENV = "LORAPLEX_DIST_TIMEOUT"
 
 
 def default_model_path() -> Path:
@@ -66,6 +69,8 @@ class FinetuneConfig:
     ``batch_size`` is the global batch: with N processes each takes ``batch_size / N`` rows.
     ``stop_after``: leave after this many steps of this invocation, with a checkpoint (resume later
     with ``resume=True``); ``checkpoint_every``: steps between checkpoints (default: once per epoch).
+    ``dist_timeout``: seconds a process waits for the others (joining, each collective) under
+    ``torchrun`` before it fails; default ``$LORAPLEX_DIST_TIMEOUT``, else 600 (see ``dist_timeout``).
     """
 
     model: str | None = None
@@ -94,6 +99,7 @@ class FinetuneConfig:
     checkpoint_every: int | None = None
     fsdp: bool = False
     progress: bool = True
+    dist_timeout: float | None = None
 
 
 OptimizerFactory = Callable[[nn.Module, list[dict[str, Any]], "FinetuneConfig"], torch.optim.Optimizer]
@@ -160,6 +166,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def dist_timeout(value: float | None = None) -> float:
+    """Seconds a process waits for the others under ``torchrun`` before it fails with an error.
+
+    ``value`` (``FinetuneConfig.dist_timeout``, ``--dist-timeout``), else the environment variable
+    ``LORAPLEX_DIST_TIMEOUT``, else ``DIST_TIMEOUT`` = 600. It bounds joining the process group and
+    every collective (gradient all-reduce, barriers). Decision (PyTorch leaves gloo at 30 min): 10 min,
+    PyTorch's NCCL default, is far above the longest wait of a healthy run (rank 0 writing a checkpoint
+    or the adapter while the others wait), yet a process whose peer died or hung exits within minutes.
+    Under ``torchrun`` a process that raises is seen by the launcher at once, which stops the others
+    (tested); the timeout covers what it cannot see (a peer that hangs, other launchers).
+
+    >>> dist_timeout(30)
+    30.0
+    """
+    text = os.environ.get(DIST_TIMEOUT_ENV) if value is None else None
+    if text is not None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{DIST_TIMEOUT_ENV}={text!r} must be a number of seconds > 0") from None
+    got = DIST_TIMEOUT if value is None else float(value)
+    if not (math.isfinite(got) and got > 0):
+        raise ValueError(f"dist_timeout={value!r} must be a number of seconds > 0")
+    return got
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss, or a trained weight, became NaN or inf: the run stopped.
+
+    The message names the step, the value and the last good checkpoint (kept, never overwritten with
+    non-finite weights), which ``resume=True`` continues from.
+    """
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an inf.
+
+    >>> nonfinite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "n": torch.tensor([3])})
+    ['b']
+    """
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 @dataclass
 class World:
     """This process's place among ``torchrun``'s processes (rank 0 of 1 without torchrun)."""
@@ -183,9 +232,11 @@ class World:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    def start(self, device: torch.device) -> None:
+    def start(self, device: torch.device, timeout: float = DIST_TIMEOUT) -> None:
+        """Join the process group; ``timeout`` seconds bound the join and every later collective."""
         if self.size > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout))
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -200,6 +251,13 @@ class World:
         torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
         return torch.equal(high, low)
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every process (a flag all-reduced: every process stops together)."""
+        bad = (~torch.isfinite(loss.detach())).sum().reshape(1).float()
+        if self.size > 1:
+            torch.distributed.all_reduce(bad)
+        return not bad.item()
 
 
 def _encode(tokenizer: Any, split: Split, max_length: int) -> list[dict[str, list[int]]]:
@@ -316,6 +374,9 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"batch_size={cfg.batch_size!r} must be >= 1")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ValueError(f"stop_after={cfg.stop_after!r} must be >= 1")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={cfg.checkpoint_every!r} must be >= 1")
+    dist_timeout(cfg.dist_timeout)  # a bad value or $LORAPLEX_DIST_TIMEOUT fails here, before any process waits
     if cfg.fsdp and cfg.allocator in ALLOCATORS and ALLOCATORS[cfg.allocator].resizes:
         raise ValueError(f"allocator={cfg.allocator!r} resizes parameters, which FSDP's shards cannot follow")
     if cfg.fsdp and (cfg.resume or cfg.stop_after or cfg.checkpoint_every):
@@ -339,11 +400,68 @@ def classifier(model_dir: str, num_labels: int) -> nn.Module:
     return load_compressed(model_dir, AutoModelForSequenceClassification.from_config(config))
 
 
+def _kept(ckpt: Path, good: int | None, fsdp: bool = False) -> str:
+    """The part of a ``NonFiniteError`` message that says where the last good checkpoint is."""
+    if good is None:
+        why = "fsdp=True does not checkpoint" if fsdp else "see checkpoint_every / --checkpoint-every"
+        return f"no checkpoint was written before it ({why})"
+    return f"the last good checkpoint (after step {good}) is kept in {ckpt}: resume=True (--resume) continues from it"
+
+
+def _check_weights(
+    tensors: dict[str, torch.Tensor],
+    done: int,
+    total: int,
+    loss: float,
+    ckpt: Path,
+    good: int | None,
+    fsdp: bool = False,
+) -> None:
+    """Raise ``NonFiniteError`` before a save if a trained tensor holds NaN / inf (every process: identical weights)."""
+    if bad := nonfinite(tensors):
+        raise NonFiniteError(
+            f"after step {done} of {total} the trained weights {bad[:3]} hold NaN or inf although the loss was "
+            f"finite ({loss:.4g}): a gradient or update overflowed; stopping; " + _kept(ckpt, good, fsdp)
+        )
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train an adapter, evaluate on the test split, save adapter + ``metrics.json`` to ``cfg.out``.
 
     Returns the metrics (``{"stopped_at": step}`` only, when ``stop_after`` ended the run early).
+
+    Reliability (issue 10, tested in ``tests/test_reliability_train.py``):
+
+    - Killed at any point after its first checkpoint (``SIGKILL``, also in the middle of writing a
+      checkpoint or the adapter), a run continues with ``resume=True`` (``--resume``) and ends with the
+      adapter of the uninterrupted run, bit for bit on CPU: batches are a function of (seed, step),
+      the checkpoint holds optimizer, scheduler, allocator and random state, and it is swapped in by
+      renames (a killed save leaves the previous one). Killed before its first checkpoint, a run has
+      nothing to resume: start it again without ``resume``.
+    - A NaN or inf loss (on any process) raises ``NonFiniteError`` naming the step, the value and the
+      last good checkpoint. The weights from before that step are written as the checkpoint (with the
+      random state from before the step, so resuming replays it exactly) unless they are already
+      non-finite; no checkpoint is ever written with non-finite weights (checked before each save).
+    - Under ``torchrun`` a process that fails makes every process exit with an error: the launcher
+      stops the others at once, and every join, all-reduce and barrier is bounded by
+      ``cfg.dist_timeout`` (default 600 s, or ``$LORAPLEX_DIST_TIMEOUT``; see ``dist_timeout``). A
+      process that lost the others (a timed-out or closed connection) says so, with its rank.
     """
+    try:
+        return _finetune(cfg)
+    except RuntimeError as e:
+        world = World.from_env()
+        text = str(e).lower()
+        if world.size > 1 and ("timed out" in text or "connection closed" in text or "timeout" in text):
+            raise RuntimeError(
+                f"process {world.rank} of {world.size} lost the other processes: one of them failed or hangs (see "
+                f"its error); every wait for them is bounded by dist_timeout={dist_timeout(cfg.dist_timeout):g} s "
+                f"(--dist-timeout, ${DIST_TIMEOUT_ENV}). {e}"
+            ) from e
+        raise
+
+
+def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -355,10 +473,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = world.device()
     if world.size > 1 and cfg.batch_size % world.size:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world.size} processes")
-    world.start(device)
+    world.start(device, dist_timeout(cfg.dist_timeout))
     out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{cfg.method}"))
     ckpt = out / CHECKPOINT
-    if cfg.resume and not (ckpt / "state.json").is_file():
+    if cfg.resume and not (recover(ckpt) / "state.json").is_file():
         raise ValueError(f"resume=True but {ckpt} holds no checkpoint")
     seed_everything(cfg.seed)
     train, test, names = load_splits(cfg.data, cfg.test_data)
@@ -401,16 +519,27 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
         print(what + (f", resumed at step {start_step}" if start_step else ""), flush=True)
     every = cfg.checkpoint_every or steps_per_epoch
+    good = start_step if cfg.resume else None  # the step of the last checkpoint this run wrote or read
     bar = _progress(total, start_step, cfg.progress and world.main)
     losses: list[float] = []
     step, clock = start_step, time.perf_counter()
     for step in range(start_step, total):
         epoch, k = divmod(step, steps_per_epoch)
         wrapped.train()
+        before = torch.get_rng_state()  # dropout's; nothing in a step draws from Python's or NumPy's generators
         idx = batch_indices(cfg.seed, epoch, k, len(rows_train), cfg.batch_size, world)
         loss = wrapped(**_collate(tokenizer, rows_train, train.labels, idx, device)).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
+        if not world.all_finite(loss):
+            if not cfg.fsdp and good != step and not nonfinite(tensors_of(model)):
+                torch.set_rng_state(before)  # saved with the weights from before this step: resuming replays it
+                if world.main:
+                    save_checkpoint(ckpt, model, opt, sched, step, allocator)
+                good = step
+            world.barrier()  # the others wait for the save before they leave
+            value = loss.item()
+            shown = f"{value}" if not math.isfinite(value) else f"{value} here but not finite on another process"
+            where = f"step {step + 1} of {total} (epoch {epoch + 1}, batch {k + 1})"
+            raise NonFiniteError(f"loss is {shown} at {where}: stopping; " + _kept(ckpt, good, cfg.fsdp))
         loss.backward()
         if allocator is not None:
             allocator.before_step()  # regulariser gradients (see loraplex.rank.base)
@@ -431,8 +560,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             recent = losses[-cfg.log_every :]
             print(f"  step {done}/{total}  loss {sum(recent) / len(recent):.4f}", flush=True)
         stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after and done < total
-        if world.main and not cfg.fsdp and (done % every == 0 or stopping):
-            save_checkpoint(ckpt, model, opt, sched, done, allocator)
+        if not cfg.fsdp and (done % every == 0 or stopping):
+            _check_weights(tensors_of(model), done, total, losses[-1], ckpt, good)
+            if world.main:
+                save_checkpoint(ckpt, model, opt, sched, done, allocator)
+            good = done
         if stopping:
             world.barrier()
             if bar is not None:
@@ -442,6 +574,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         bar.close()
     train_seconds = time.perf_counter() - clock
     tensors = full_tensors(tensors_of(model))  # FSDP: gathered on every process; else as they are
+    _check_weights(tensors, total, total, losses[-1] if losses else math.nan, ckpt, good, cfg.fsdp)
     in_sync = world.in_sync(tensors)
     if not in_sync:
         raise RuntimeError("the processes ended with different adapter weights")
@@ -466,7 +599,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if world.main:
         save(model, out, tensors)
         if cfg.allocator != "none" and ranks:
-            (out / "ranks.md").write_text(rank_table(ranks) + "\n")
+            write_text(out / "ranks.md", rank_table(ranks) + "\n")
             heatmap(ranks, out / "ranks.png", title=f"{cfg.method} / {cfg.allocator}: final ranks")
             print(rank_table(ranks))
         if not cfg.fsdp:
@@ -477,4 +610,4 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return metrics
 
 
-__all__ = ["ALLOCATORS", "OPTIMIZERS", "FinetuneConfig", "World", "finetune"]
+__all__ = ["ALLOCATORS", "OPTIMIZERS", "FinetuneConfig", "NonFiniteError", "World", "dist_timeout", "finetune"]

@@ -70,7 +70,10 @@ def _kernel_grad(G: Tensor, x: Tensor, n: int, b: int) -> Tensor:
 
 
 class _BlockCirculant(torch.autograd.Function):
-    """``z = s · x C(w)^T`` by FFT, in ``promote(x.dtype, w.dtype)``, returned in ``x.dtype``.
+    """``z = s · x C(w)^T`` by FFT, in ``promote(x.dtype, w.dtype, float32)``, returned in ``x.dtype``.
+
+    The float32 floor matters when the kernel is half too (``model.half()`` after adapting): CPU FFTs
+    refuse fp16 / bf16 (a RuntimeError), and half-precision spectra overflow (sums of ``b`` products).
 
     Saves only ``x`` (the caller's tensor, whatever its dtype) and ``w``: no spectra, no fp32
     copy of a half-precision input; ``rfft(x)`` is recomputed in backward.
@@ -80,7 +83,7 @@ class _BlockCirculant(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, s: float) -> Tensor:
         m, n, b = w.shape
-        dtype = torch.promote_types(x.dtype, w.dtype)  # fp32 for fp16 / bf16 models
+        dtype = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)  # fp32 for half models
         ctx.save_for_backward(x, w)
         ctx.s, ctx.dtype = s, dtype
         if x.shape[0] == 0:  # MKL's FFT refuses empty batches
@@ -111,8 +114,8 @@ class _CirculantLinear(torch.autograd.Function):
 
     Forward and input gradient are the base layer's own products, with the merged weight (built
     exactly, ``in·out`` memory work against the GEMMs' ``N·in·out`` multiply-adds), so only the
-    kernel gradient costs extra, by FFT. Saves ``x``, ``W`` and ``w``; the merged weight is rebuilt
-    in backward rather than kept.
+    kernel gradient costs extra, by FFT (in at least fp32, as ``_BlockCirculant``, returned in ``w``'s
+    dtype). Saves ``x``, ``W`` and ``w``; the merged weight is rebuilt in backward rather than kept.
     Shapes: x (N, n·b); W (m·b, n·b); bias (m·b,) or None; w (m, n, b) -> (N, m·b).
     """
 
@@ -134,7 +137,8 @@ class _CirculantLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3] and x.shape[0] == 0:
             gw = torch.zeros_like(w)
         elif ctx.needs_input_grad[3]:
-            gw = _kernel_grad(_spectrum(g, m, b), x, n, b).mul_(ctx.s)  # (m, n, b)
+            dt = torch.promote_types(g.dtype, torch.float32)  # CPU FFTs refuse half types
+            gw = _kernel_grad(_spectrum(g.to(dt), m, b), x.to(dt), n, b).mul_(ctx.s).to(w.dtype)  # (m, n, b)
         return gx, None, None, gw, None
 
 

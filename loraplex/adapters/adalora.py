@@ -90,7 +90,7 @@ class AdaLoRA(Adapter):
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha={alpha!r} must be a finite number > 0")
         self.rank, self.scaling = rank, float(alpha)
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), Q
         self.E = nn.Parameter(torch.zeros(rank, 1, device=device))  # (r, 1), singular values

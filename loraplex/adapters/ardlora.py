@@ -128,7 +128,7 @@ class ARDLoRA(Adapter):
             raise ValueError(f"heads={heads} must divide out_features={self.out_features}; valid head counts: {valid}")
         self.rank, self.heads, self.temperature = rank, heads, float(temperature)
         self.scale = alpha / rank
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(heads * rank, self.in_features, device=device))  # (H r0, in), fp32
         self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r0), fp32

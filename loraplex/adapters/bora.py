@@ -9,22 +9,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loraplex.adapters._ops import can_fuse, lowrank_linear
-from loraplex.adapters.dora import NORM_EPS
+from loraplex.adapters.dora import inverse_norm
 from loraplex.adapters.lora import LoRA
 
 
 def bidirectional_gains(V: Tensor, m_col: Tensor) -> tuple[Tensor, Tensor]:
-    """The column gain ``c = m_col / ‖V‖_col`` and the row norm ``‖V diag(c)‖_row``, norms detached.
+    """The column gain ``c = m_col / ‖V‖_col`` and the inverse row norm ``1 / ‖V diag(c)‖_row``, norms detached.
 
-    ``W' = diag(m_row / row) V diag(c)``. Shapes: V (out, in), m_col (in,) -> c (in,), row (out,).
+    ``W' = diag(m_row · inv_row) V diag(c)``. A zero column (row) of ``V`` (norm ``<= NORM_EPS``) has no
+    direction: its gain is 0 whatever the magnitude (``dora.inverse_norm``; a floored norm gave gains up to
+    ``m · 1e12``, whose square overflowed fp32 into ``0 · inf = NaN``).
+    Shapes: V (out, in), m_col (in,) -> c (in,), inv_row (out,).
     """
     with torch.no_grad():
         V2 = V.square()  # (out, in): one pass gives both norms
-        col = V2.sum(0).sqrt_().clamp_min_(NORM_EPS)  # (in,)
-    c = m_col / col
+        inv_col = inverse_norm(V2.sum(0).sqrt_())  # (in,)
+    c = m_col * inv_col
     with torch.no_grad():
-        row = (V2 @ c.square()).sqrt_().clamp_min_(NORM_EPS)  # (out,): ‖U‖_row² = Σ_j V_ij² c_j², U = V diag(c)
-    return c, row
+        inv_row = inverse_norm((V2 @ c.square()).sqrt_())  # (out,): ‖U‖_row² = Σ_j V_ij² c_j², U = V diag(c)
+    return c, inv_row
 
 
 class BoRA(LoRA):
@@ -104,7 +107,7 @@ class BoRA(LoRA):
         raise NotImplementedError("bora has no HuggingFace PEFT equivalent")
 
     def gains(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(c, row, V)`` of the current weights, see ``bidirectional_gains``: (in,), (out,), (out, in)."""
+        """``(c, inv_row, V)`` of the current weights, see ``bidirectional_gains``: (in,), (out,), (out, in)."""
         with torch.no_grad():
             V = torch.addmm(self.weight.to(self.A.dtype), self.B, self.A, alpha=self.scale)  # (out, in)
         return (*bidirectional_gains(V, self.m_col), V)
@@ -112,16 +115,16 @@ class BoRA(LoRA):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return self.base(x)
-        c, row, V = self.gains()
+        c, inv_row, V = self.gains()
         xc = x.to(c.dtype) * c  # (..., in)
         live_dropout = self.training and isinstance(self.dropout, nn.Dropout)
         if not self.stacked and not live_dropout and can_fuse(x, self.weight, self.bias, self.A):
-            return lowrank_linear(xc, self.weight, self.bias, self.A, self.B, self.scale, self.m_row, 1.0 / row, V)
+            return lowrank_linear(xc, self.weight, self.bias, self.A, self.B, self.scale, self.m_row, inv_row, V)
         # The frozen product runs in the base weight's dtype (bf16 models: a bf16 GEMM, not an fp32 copy of W);
         # the column gain is applied to x first, so x diag(c) W^T = (x * c) W^T in either dtype.
         W = self.weight
         base_xc = xc if x.dtype == c.dtype else x * c.to(x.dtype)
-        z = (self.m_row / row) * (
+        z = (self.m_row * inv_row) * (
             F.linear(base_xc.to(W.dtype), W).to(c.dtype) + self.lowrank(self.dropout(xc), self.A, self.B)
         )
         if self.stacked:
@@ -133,5 +136,5 @@ class BoRA(LoRA):
     def delta_weight(self) -> Tensor:
         W = self.weight.to(self.A.dtype)
         V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)
-        c, row = bidirectional_gains(V, self.m_col)
-        return (self.m_row / row)[:, None] * V * c[None, :] - W
+        c, inv_row = bidirectional_gains(V, self.m_col)
+        return (self.m_row * inv_row)[:, None] * V * c[None, :] - W

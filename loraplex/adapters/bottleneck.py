@@ -140,7 +140,7 @@ class Bottleneck(Adapter):
         self.structure = check_choice("structure", structure, STRUCTURES)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
         self.product = check_bool("product", product)
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         d = self.out_features
         self.m, self.f = self.sizes(d, structure, bottleneck, activation, product, factor)
         dev = self.param_device

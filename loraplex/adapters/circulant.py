@@ -75,7 +75,7 @@ class Circulant(Adapter):
         d = check_square(self.method, self.in_features, self.out_features)
         self.product = check_bool("product", product)
         self.alpha = check_number("alpha", alpha)
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         self.a = nn.Parameter(torch.zeros(d, device=self.param_device))  # (d,), fp32
         self.b = nn.Parameter(torch.zeros(d, device=self.param_device)) if product else None  # (d,), fp32
         if not is_restoring():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +11,25 @@ from torch import Tensor, nn
 from loraplex.adapters._ops import lowrank_linear
 from loraplex.adapters.lora import LoRA
 
-# Floor of the row norm: a zero row of W (with m = 0) then gives m / norm = 0, not 0 / 0 = NaN.
+# Norms at or below this count as zero: such a row (column, for BoRA) has no direction and gets gain 0.
 NORM_EPS = 1e-12
+
+
+def inverse_norm(norm: Tensor) -> Tensor:
+    """``1 / norm`` where ``norm > NORM_EPS``, else 0 (any shape, no gradient wanted: the norms are constants).
+
+    Not pinned down (DoRA's paper and PEFT divide by the norm: ``0 / 0 = NaN`` on a zero row of ``V``),
+    decided: a row of ``V = W0 + s B A`` with norm ``<= NORM_EPS`` has no direction, so its gain
+    ``m / ‖V‖`` is 0 whatever ``m``, and that row of ``W'`` is 0 (it is 0 in ``V`` too: the output is the
+    same as with any finite gain). An earlier floor ``m / max(‖V‖, eps)`` gave gains up to ``m · 1e12``,
+    which overflow fp16 (inf, then ``inf · 0 = NaN`` in the base product's backward) and, squared for
+    BoRA's row norm, fp32 (tested in tests/test_reliability_numeric.py).
+
+    Example:
+        >>> inverse_norm(torch.tensor([2.0, 0.0, 1e-13]))
+        tensor([0.5000, 0.0000, 0.0000])
+    """
+    return torch.where(norm > NORM_EPS, norm.clamp_min(NORM_EPS).reciprocal(), 0.0)
 
 
 class DoRA(LoRA):
@@ -27,6 +44,13 @@ class DoRA(LoRA):
     direction term needs ``dropout(x) W0^T`` as PEFT computes it, so one extra matmul is paid.
 
     Shapes: x (..., in) -> (..., out); A (r, in); B (out, r); m (out,).
+
+    Convolutions (``nn.Conv1d`` / ``nn.Conv2d``, as PEFT's ``_DoraConvNdLayer``): ``V`` is the
+    ``(out, in_channels·prod(kernel))`` matrix of ``W0 + s ΔW``, so the norm runs over every dim but
+    the output channel; ``y = base(x) + (g - 1) conv(dropout(x), W0) + g · s · conv_lowrank(dropout(x))``
+    with ``g`` per output channel; ``delta_weight()`` is in ``(out, in, *kernel)`` layout. PEFT
+    stores ``m`` as ``(1, out, 1[, 1])``; ``to_peft`` gives that view. Embeddings are not adapted
+    (the issue asks DoRA for convolutions only).
 
     Args:
         base: the layer to adapt.
@@ -46,6 +70,7 @@ class DoRA(LoRA):
     paper = "https://arxiv.org/abs/2402.09353"
     formula = "rank * (in + out) + out"
     default_lr = 1e-3  # as LoRA: the paper reuses LoRA's learning rates
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
 
     def __init__(
         self,
@@ -74,7 +99,10 @@ class DoRA(LoRA):
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         config, tensors = super().to_peft()
-        return config | {"use_dora": True}, tensors | {"lora_magnitude_vector": self.m.detach()}
+        m = self.m.detach()
+        if self.kind == "conv":  # PEFT's conv magnitude is (1, out, 1[, 1])
+            m = m.view(1, -1, *[1] * (self.root_weight.dim() - 2))
+        return config | {"use_dora": True}, tensors | {"lora_magnitude_vector": m}
 
     @classmethod
     def peft_matches(cls, config: dict[str, Any]) -> bool:
@@ -93,21 +121,27 @@ class DoRA(LoRA):
         if not self.active:
             return self.base(x)
         V = self.direction()  # (out, in)
-        inv_norm = 1.0 / torch.linalg.vector_norm(V, dim=1).clamp_min(NORM_EPS)  # (out,), a constant (paper 4.3)
+        inv_norm = inverse_norm(torch.linalg.vector_norm(V, dim=1))  # (out,), a constant (paper 4.3)
         if self.fusable(x):  # one GEMM by V (fp32 throughout)
             return lowrank_linear(x, self.weight, self.bias, self.A, self.B, self.scale, self.m, inv_norm, V)
-        g = self.m * inv_norm  # (out,)
+        g = self.per_output(self.m * inv_norm)  # (out,), or (out, 1[, 1]) for a convolution
         dx = self.dropout(x)
         lora = self.lowrank(dx, self.A, self.B)  # (..., out)
         if dx is x and not self.stacked:
-            y = F.linear(x, self.weight)  # the only product with W0, bias added after scaling
+            y = self.base_product(x)  # the only product with W0, bias added after scaling
             out = (g * (y + lora)).to(y.dtype)
-            return out if self.bias is None else out + self.bias
+            return out if self.bias is None else out + self.per_output(self.bias)
         y = self.base(x)
-        return y + ((g - 1) * F.linear(dx, self.weight) + g * lora).to(y.dtype)
+        return y + ((g - 1) * self.base_product(dx) + g * lora).to(y.dtype)
+
+    def base_product(self, x: Tensor) -> Tensor:
+        """The root layer's output without bias: ``x W0^T``, or the convolution by ``W0``."""
+        if self.kind == "linear":
+            return F.linear(x, self.weight)
+        return self.apply_weight(x, self.root_weight)
 
     def delta_weight(self) -> Tensor:
         W = self.weight.to(self.A.dtype)
         V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)
-        g = self.m * (1.0 / torch.linalg.vector_norm(V, dim=1).detach().clamp_min(NORM_EPS))
-        return g[:, None] * V - W
+        g = self.m * inverse_norm(torch.linalg.vector_norm(V, dim=1).detach())
+        return self.layout(g[:, None] * V - W)  # the layer's layout (Adapter.layout)

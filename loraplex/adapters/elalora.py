@@ -113,7 +113,7 @@ class ElaLoRA(Adapter):
             raise ValueError(f"alpha={alpha!r} must be a finite number > 0")
         self.rank, self.scaling = rank, float(alpha)
         self.options = {"rank": rank, "alpha": alpha, "dropout": dropout, "current_rank": current_rank}
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(r, self.in_features, device=device))  # (r, in), Q
         self.E = nn.Parameter(torch.zeros(r, 1, device=device))  # (r, 1), singular values

@@ -47,7 +47,7 @@ class _GraLoRALinear(torch.autograd.Function):
             y = x.new_zeros(n, k * B.shape[2])
         else:
             y = x @ W.T if b is None else torch.addmm(b, x, W.T)  # (N, out): the base GEMM
-        xv, yv = x.view(n, k, -1), y.view(n, k, -1)  # (N, k_j, in / k), (N, k_i, out / k)
+        xv, yv = x.view(n, k, A.shape[1]), y.view(n, k, y.shape[1] // k)  # (N, k_j, in / k), (N, k_i, out / k)
         uT = swap_blocks(torch.bmm(A.transpose(1, 2), xv.permute(1, 2, 0)))  # (k_i, r, N) from A_j^T x_j^T
         for i in range(k):
             yv[:, i].addmm_(uT[i].T, B[i], alpha=s)  # output block i += s u_i B_i, in place
@@ -64,7 +64,7 @@ class _GraLoRALinear(torch.autograd.Function):
         x, W, A, B, uT, Ah, Bh, hT = ctx.saved_tensors
         (k, n_in, _), n, s, need = A.shape, x.shape[0], ctx.s, ctx.needs_input_grad
         gy = gy.contiguous()  # attention hands back permuted gradients; every product below wants rows
-        gyv, xv = gy.view(n, k, -1), x.view(n, k, n_in)
+        gyv, xv = gy.view(n, k, gy.shape[1] // k), x.view(n, k, n_in)  # explicit sizes: N may be 0
         gx = gA = gB = gAh = gBh = None
         gzT = swap_blocks(torch.bmm(B * s, gyv.permute(1, 2, 0)))  # (k_j, r, N) from s B_i gy_i^T
         if need[3]:
@@ -149,7 +149,7 @@ class GraLoRA(Adapter):
         self.rank, self.alpha, self.k, self.hybrid_rank = rank, alpha, k, hybrid_rank
         self.scale = alpha / (rank + hybrid_rank)
         self.p = check_dropout(dropout)
-        self.dropout = nn.Dropout(self.p) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(self.p) if self.p else nn.Identity()
         n_in, n_out, h, device = self.in_features, self.out_features, hybrid_rank, self.param_device
         self.blocks_A = nn.Parameter(torch.empty(k, n_in // k, rank, device=device))  # (k, in / k, r), fp32
         self.blocks_B = nn.Parameter(torch.zeros(k, rank, n_out // k, device=device))  # (k, r, out / k), fp32

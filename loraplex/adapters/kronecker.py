@@ -90,7 +90,7 @@ class Kronecker(Adapter):
             )
         self.factor, self.alpha = r, check_alpha(alpha)
         self.scale = self.alpha / r
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         self.A = nn.Parameter(torch.zeros(r, d_in // r, device=self.param_device))  # (r, in / r), fp32
         self.B = nn.Parameter(torch.zeros(d_out // r, r, device=self.param_device))  # (out / r, r), fp32
         if not is_restoring():

@@ -77,7 +77,7 @@ class LDR(Adapter):
         d = check_square(self.method, self.in_features, self.out_features)
         R = check_int("displacement_rank", displacement_rank)
         self.alpha = check_number("alpha", alpha)
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         self.g = nn.Parameter(torch.zeros(R, d, device=self.param_device))  # (R, d), fp32: circulant columns
         self.h = nn.Parameter(torch.zeros(R, d, device=self.param_device))  # (R, d), fp32: skew-circulant columns
         if not is_restoring():

@@ -127,6 +127,11 @@ class LoHa(Adapter):
 
     Shapes: x (..., in) -> (..., out); w1_a, w2_a (out, r); w1_b, w2_b (r, in); all fp32.
 
+    Convolutions (``nn.Conv1d`` / ``nn.Conv2d``, ``groups=1``), as PEFT's LoHa without
+    ``use_effective_conv2d``: ``in = in_channels · prod(kernel)``, the (out, in) ΔW is reshaped to
+    ``(out, in_channels, *kernel)`` (``delta_weight()``) and the effect is ``conv(x, ΔW)`` with the
+    base's stride, padding, dilation and padding mode (row dropout on output channels).
+
     Args:
         base: the layer to adapt.
         rank: inner dimension r of both low-rank factors.
@@ -151,6 +156,7 @@ class LoHa(Adapter):
     # alpha = 16; LyCORIS advises LoHa learning rates at or above LoRA's. 5e-3 is 5x LoRA's 1e-3.
     default_lr = 5e-3
     size_option = "rank"
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
 
     def __init__(
         self,
@@ -195,6 +201,8 @@ class LoHa(Adapter):
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         if self.transposed:
             raise ValueError("PEFT's LoHa adapts nn.Linear only, not transformers' Conv1D")
+        if self.kind == "conv" and self.root.padding_mode != "zeros":
+            raise ValueError(f"PEFT's LoHa ignores padding_mode={self.root.padding_mode!r}; only 'zeros' exports")
         config = {
             "r": self.rank,
             "alpha": self.alpha,
@@ -232,8 +240,12 @@ class LoHa(Adapter):
                 return y
             if mask is not None:
                 row_scale = mask.to(device=self.w1_a.device, dtype=self.w1_a.dtype) * self.scale
+        if self.kind == "conv":
+            scale = row_scale[:, None] if isinstance(row_scale, Tensor) else row_scale
+            delta = hadamard_weight(self.w1_a, self.w1_b, self.w2_a, self.w2_b) * scale  # (out, in)
+            return y + self.apply_weight(x, self.layout(delta)).to(y.dtype)
         effect = hadamard_linear(x, self.w1_a, self.w1_b, self.w2_a, self.w2_b, row_scale)
         return y + effect.to(y.dtype)
 
     def delta_weight(self) -> Tensor:
-        return self.scale * hadamard_weight(self.w1_a, self.w1_b, self.w2_a, self.w2_b)  # (out, in)
+        return self.layout(self.scale * hadamard_weight(self.w1_a, self.w1_b, self.w2_a, self.w2_b))  # (out, in)

@@ -55,6 +55,10 @@ class KronShapes:
     ``full_w1`` / ``full_w2``: the factor is a plain matrix, else the product of (rows, r) and
     (r, cols) factors. As PEFT: ``w2`` is factored when ``rank < max(out_k, in_n) / 2``, ``w1``
     only with ``decompose_both`` and ``rank < max(out_l, in_m) / 2``.
+
+    Convolutions (PEFT without ``use_effective_conv2d``): ``in_channels = in_m · c`` is split, not
+    ``in_channels · kernel``, and ``in_n = c · kernel`` (w2 holds the kernel); whether w2 is factored
+    is decided on ``max(out_k, c)``, as PEFT.
     """
 
     out_l: int
@@ -65,12 +69,15 @@ class KronShapes:
     full_w2: bool
 
     @classmethod
-    def of(cls, d_in: int, d_out: int, rank: int, decompose_both: bool, decompose_factor: int) -> KronShapes:
-        in_m, in_n = factorization(d_in, decompose_factor)
+    def of(
+        cls, d_in: int, d_out: int, rank: int, decompose_both: bool, decompose_factor: int, kernel: int = 1
+    ) -> KronShapes:
+        """Shapes for ``d_in = in_channels · kernel`` (``kernel = 1``: a linear layer)."""
+        in_m, in_n = factorization(d_in // kernel, decompose_factor)
         out_l, out_k = factorization(d_out, decompose_factor)
         full_w1 = not (decompose_both and rank < max(out_l, in_m) / 2)
         full_w2 = not rank < max(out_k, in_n) / 2
-        return cls(out_l, out_k, in_m, in_n, full_w1, full_w2)
+        return cls(out_l, out_k, in_m, in_n * kernel, full_w1, full_w2)
 
     def num_params(self, rank: int) -> int:
         w1 = self.out_l * self.in_m if self.full_w1 else rank * (self.out_l + self.in_m)
@@ -109,6 +116,15 @@ class LoKr(Adapter):
     ``rank=8``, ``alpha=8``, ``decompose_both=False``, ``decompose_factor=-1``, no dropout.
     PEFT's convolution options (``use_effective_conv2d``, ``lokr_t2``) do not apply to linears.
 
+    Convolutions (``nn.Conv1d`` / ``nn.Conv2d``, ``groups=1``), as PEFT without
+    ``use_effective_conv2d``: ``in_channels`` is factored (``KronShapes.of(..., kernel=)``), w2 is
+    ``(out_k, c · prod(kernel))``, ``delta_weight() = s · kron(w1, w2)`` reshaped to
+    ``(out, in_channels, *kernel)`` and the effect is ``conv(x, ΔW)`` with the base's geometry.
+    ``num_params(..., kernel=prod(kernel_size))`` counts them. Decision: PEFT builds a Conv1d's
+    ΔW from a full 3-D ``lokr_w2`` by ``torch.kron`` of a 2-D and a 3-D tensor, which is not the
+    Kronecker product of the matrices (it scrambles the weight); the correct product is used here
+    and ``to_peft`` refuses that one case (a factored w2 exports).
+
     Shapes: x (..., in) -> (..., out); w1 (out_l, in_m) or w1_a (out_l, r), w1_b (r, in_m);
     w2 (out_k, in_n) or w2_a (out_k, r), w2_b (r, in_n); all fp32.
 
@@ -145,6 +161,7 @@ class LoKr(Adapter):
     # maps to ~2.5e-3; LyCORIS advises LoKr learning rates above LoRA's.
     default_lr = 3e-3
     size_option = "rank"  # sets the count while a factor is factored (rank < max(rows, cols) / 2)
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
 
     def __init__(
         self,
@@ -171,7 +188,10 @@ class LoKr(Adapter):
         self.decompose_factor = check_decompose_factor(decompose_factor)
         self.init = check_choice("init", init, INITS)
         self.scale = self.alpha / rank
-        self.shapes = sh = KronShapes.of(self.in_features, self.out_features, rank, decompose_both, decompose_factor)
+        kernel = math.prod(self.root_weight.shape[2:]) if self.kind == "conv" else 1
+        self.shapes = sh = KronShapes.of(
+            self.in_features, self.out_features, rank, decompose_both, decompose_factor, kernel
+        )
         self._factor("w1", sh.out_l, sh.in_m, sh.full_w1)
         self._factor("w2", sh.out_k, sh.in_n, sh.full_w2)
         if not is_restoring():
@@ -196,9 +216,12 @@ class LoKr(Adapter):
         rank: int = 8,
         decompose_both: bool = False,
         decompose_factor: int = -1,
+        kernel: int = 1,
         **_: object,
     ) -> int:
-        return KronShapes.of(in_features, out_features, rank, decompose_both, decompose_factor).num_params(rank)
+        """Trainable parameters; ``kernel = prod(kernel_size)`` for a convolution (``in_features`` includes it)."""
+        shapes = KronShapes.of(in_features, out_features, rank, decompose_both, decompose_factor, kernel)
+        return shapes.num_params(rank)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -235,7 +258,20 @@ class LoKr(Adapter):
             "init_weights": PEFT_INITS[self.init],
             "use_effective_conv2d": False,
         }
-        return config, {f"lokr_{name}": p.detach() for name, p in self.own_parameters()}
+        tensors = {f"lokr_{name}": p.detach() for name, p in self.own_parameters()}
+        if self.kind == "conv":
+            root = self.root
+            if root.padding_mode != "zeros":
+                raise ValueError(f"PEFT's LoKr ignores padding_mode={root.padding_mode!r}; only 'zeros' exports")
+            shape = self.root_weight.shape
+            if self.w2 is not None:  # PEFT keeps a full w2 as (out_k, c, *kernel)
+                if len(shape) == 3:
+                    raise ValueError(
+                        "PEFT builds a Conv1d LoKr's ΔW from a full 3-D lokr_w2 incorrectly (torch.kron of a "
+                        "2-D and a 3-D tensor); use a rank below max(out_k, in_n) / 2 to export it"
+                    )
+                tensors["lokr_w2"] = tensors["lokr_w2"].view(self.shapes.out_k, -1, *shape[2:])
+        return config, tensors
 
     @classmethod
     def peft_options(cls, config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
@@ -268,6 +304,11 @@ class LoKr(Adapter):
             if not keep:
                 return y
         w1, w2 = self.factors()
+        if self.kind == "conv":
+            delta = torch.kron(w1 * self.scale, w2)  # (out, in)
+            if mask is not None:
+                delta = delta * mask.to(device=delta.device, dtype=delta.dtype)[:, None]
+            return y + self.apply_weight(x, self.layout(delta)).to(y.dtype)
         effect = kron_linear(x.to(w1.dtype), w1 * self.scale, w2)  # (..., out), the scale on the small factor
         if mask is not None:
             effect = effect * mask.to(device=effect.device, dtype=effect.dtype)
@@ -275,4 +316,4 @@ class LoKr(Adapter):
 
     def delta_weight(self) -> Tensor:
         w1, w2 = self.factors()
-        return self.scale * torch.kron(w1, w2)  # (out, in)
+        return self.layout(self.scale * torch.kron(w1, w2))  # (out, in); the layer's layout (Adapter.layout)

@@ -23,6 +23,11 @@ def ldu_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     dividing by its pivots; a zero pivot (a singular W0) leaves its row undivided and ``d = 0``, so
     that term starts at zero instead of producing inf / NaN. Computed in fp32 (float64 kept).
 
+    "Zero" is relative (decided; the reference divides by any pivot): ``|d_i| <= eps · max_j |U_ij|``
+    (``eps`` of the compute dtype), i.e. a pivot at the rounding level of its own row. Then every entry
+    of the unit-diagonal ``U`` is at most ``1 / eps`` (8.4e6 in fp32), so no row overflows; an absolute
+    test (``|d_i| > tiny``) let a pivot of 1e-37 under an entry of 1e3 give ``U = inf`` and a NaN output.
+
     Shapes: W (out, in) -> PL (out, r), d (r,), U (r, in).
     """
     W = W.detach().to(torch.promote_types(W.dtype, torch.float32))
@@ -36,8 +41,9 @@ def ldu_factors(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     PL = torch.empty_like(L[:, :rank])
     PL[torch.tensor(perm, device=W.device)] = L[:, :rank]  # (P L)[perm[i]] = L[i]
     d = U.diagonal()[:rank].clone()  # (r,)
-    safe = torch.where(d.abs() > torch.finfo(W.dtype).tiny, d, torch.ones_like(d))
-    return PL, d, U[:rank] / safe[:, None]
+    pivot = d.abs() > torch.finfo(W.dtype).eps * U[:rank].abs().amax(1)  # (r,): not a zero pivot
+    d = torch.where(pivot, d, 0.0)
+    return PL, d, U[:rank] / torch.where(pivot, d, 1.0)[:, None]
 
 
 class LoLDU(Adapter):

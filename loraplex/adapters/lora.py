@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, is_restoring
+from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, embed, is_restoring
 from loraplex.adapters._ops import can_fuse, lowrank_linear
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -18,7 +18,26 @@ REWRITING_INITS = ("pissa", "olora")
 
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     """``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA (https://arxiv.org/abs/2312.03732)."""
+    if not isinstance(rslora, bool):  # a truthy 0 / "no" must not pick a scale silently
+        raise ValueError(f"rslora={rslora!r} must be True or False")
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def conv_lowrank(root: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """PEFT's convolution LoRA ``lora_B(lora_A(x))`` without its scale, in ``A``'s dtype.
+
+    ``lora_A`` is a convolution with the root's kernel, stride, padding, dilation and padding mode
+    and weight ``A`` reshaped to ``(r, in_channels, *kernel)``; ``lora_B`` is the 1x1 convolution
+    ``B`` (out, r) over the channel dim. Together ``conv(x, (B A).reshape(W.shape))``.
+    Shapes: x (N, in_channels, *spatial) or unbatched; A (r, in_channels·prod(kernel)); B (out, r).
+    """
+    w = root.weight
+    assert isinstance(w, Tensor)
+    conv = root._conv_forward
+    assert callable(conv)
+    h = conv(x.to(A.dtype), A.view(A.shape[0], *w.shape[1:]), None)
+    channel = -(w.dim() - 1)  # the channel dim, counted from the end (unbatched inputs too)
+    return F.linear(h.movedim(channel, -1), B).movedim(-1, channel)
 
 
 def principal_factors(W: Tensor, rank: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
@@ -54,10 +73,24 @@ class LoRA(Adapter):
 
     Shapes: x (..., in) -> (..., out); A (r, in); B (out, r).
 
+    Convolutions and embeddings (as PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Embedding``):
+
+    * ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``): ``in = in_channels · prod(kernel)``; ``A`` acts as
+      a convolution with the base's kernel, stride, padding, dilation and padding mode, ``B`` as a
+      1x1 convolution (``conv_lowrank``); ``delta_weight() = s · (B A).reshape(W.shape)``, so the
+      adapted layer is the convolution with ``W + ΔW``. Decision: PEFT's ``lora_A`` drops the base's
+      dilation and padding mode (its merge then changes the output); here they are kept, and
+      ``to_peft`` refuses a dilated or non-zero-padded convolution.
+    * ``nn.Embedding`` (``max_norm=None``): ``in = num_embeddings``, ``out = embedding_dim``;
+      ``y = emb(x) + s · emb_A(x) B^T`` with ``emb_A`` the lookup in ``A^T`` (num, r);
+      ``delta_weight() = s · (B A)^T`` (num, dim). Inits ``"kaiming"`` and ``"gaussian"`` give
+      PEFT's embedding init, ``A = 0``, ``B ~ N(0, 1)`` (loralib's). ``dropout`` is accepted and
+      ignored there, as PEFT (token ids cannot be dropped out).
+
     Args:
         base: the layer to adapt.
         rank: inner dimension r.
-        alpha: scale numerator.
+        alpha: scale numerator (> 0 for ``init="pissa"``, whose factors are ``sqrt(S_r / s)``).
         dropout: dropout probability on the adapter's input.
         rslora: use the rank-stabilised scale ``alpha / sqrt(rank)``.
         init: one of ``"kaiming"``, ``"gaussian"``, ``"pissa"``, ``"olora"``.
@@ -75,6 +108,7 @@ class LoRA(Adapter):
     formula = "rank * (in + out)"
     default_lr = 1e-3  # the paper's GLUE runs use 2e-4..5e-4 for RoBERTa; 1e-3 is PEFT's common choice
     size_option = "rank"
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
 
     def __init__(
         self,
@@ -96,10 +130,15 @@ class LoRA(Adapter):
                 f"rank={rank} must be <= min(in_features={self.in_features}, "
                 f"out_features={self.out_features}) for init={init!r}"
             )
+        if init == "pissa" and not alpha > 0:  # the factors are sqrt(S_r / s): s <= 0 gives inf or NaN
+            raise ValueError(f"alpha={alpha!r} must be > 0 for init='pissa' (its factors are sqrt(S_r / scale))")
         if init in REWRITING_INITS and self.stacked:
             raise ValueError(f"init={init!r} rewrites the base weight and cannot stack on another adapter")
         self.rank, self.scale, self.init = rank, lora_scale(rank, alpha, rslora), init
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        p_drop = check_dropout(dropout)
+        if self.kind == "embedding":  # PEFT ignores lora_dropout on token ids
+            p_drop = 0.0
+        self.dropout = nn.Dropout(p_drop) if p_drop else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), fp32
         self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r), fp32
@@ -125,6 +164,10 @@ class LoRA(Adapter):
             self.A0.copy_(A), self.B0.copy_(B)  # type: ignore[union-attr]
             self._shift_base(-1.0)
             return
+        if self.kind == "embedding":  # PEFT's (and loralib's) embedding init, whatever init_lora_weights
+            nn.init.zeros_(self.A)
+            nn.init.normal_(self.B)
+            return
         if self.init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / self.rank)
         else:  # nn.Linear's default init, as loralib and PEFT (https://github.com/microsoft/LoRA)
@@ -149,7 +192,7 @@ class LoRA(Adapter):
         return self.base
 
     peft_type = "LORA"
-    peft_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
+    peft_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
     peft_patterns: ClassVar[dict[str, str]] = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -159,6 +202,15 @@ class LoRA(Adapter):
         if self.A0 is not None and self.B0 is not None:
             A, B = torch.cat([A, -self.A0]), torch.cat([B, self.B0], dim=1)
         r, rslora = A.shape[0], self.options.get("rslora", False)
+        if self.kind == "conv":
+            root = self.root
+            if any(d != 1 for d in root.dilation) or root.padding_mode != "zeros":  # type: ignore[union-attr]
+                raise ValueError(
+                    f"PEFT's LoRA ignores dilation={root.dilation} and padding_mode={root.padding_mode!r} "
+                    "of a convolution (its outputs would differ); only dilation 1 and zero padding export"
+                )
+            shape = self.root_weight.shape
+            A, B = A.view(r, *shape[1:]), B.view(B.shape[0], r, *[1] * (len(shape) - 2))
         config = {
             "r": r,
             "lora_alpha": self.scale * (math.sqrt(r) if rslora else r),
@@ -168,6 +220,8 @@ class LoRA(Adapter):
             "fan_in_fan_out": self.transposed,
             "init_lora_weights": True,
         }
+        if self.kind == "embedding":
+            return config, {"lora_embedding_A": A, "lora_embedding_B": B}
         return config, {"lora_A.weight": A, "lora_B.weight": B}
 
     @classmethod
@@ -182,9 +236,9 @@ class LoRA(Adapter):
                 f"init_lora_weights={init!r} checkpoints need the rewritten base model they were trained on; "
                 "save them with PEFT's path_initial_model_for_weight_conversion first"
             )
-        A = tensors.get("lora_A.weight")
-        if A is None or A.ndim != 2:
-            raise ValueError("PEFT tensor 'lora_A.weight' is missing or not a matrix")
+        A = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))
+        if A is None or A.ndim < 2:  # (r, in), or (r, in_channels, *kernel) for a convolution
+            raise ValueError("PEFT tensor 'lora_A.weight' (or 'lora_embedding_A') is missing or has fewer than 2 dims")
         return {
             "rank": A.shape[0],
             "alpha": float(config.get("lora_alpha", 8)),
@@ -193,12 +247,21 @@ class LoRA(Adapter):
         }
 
     def lowrank(self, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        """``s · x A^T B^T`` computed in the adapter's dtype: (..., in) -> (..., out)."""
+        """``s · x A^T B^T`` computed in the adapter's dtype: (..., in) -> (..., out).
+
+        Convolutions: ``s · conv_lowrank(x)``; embeddings: ``s · emb_A(x) B^T`` (x: token ids).
+        """
+        if self.kind == "conv":
+            return conv_lowrank(self.root, x, A, B) * self.scale
+        if self.kind == "embedding":
+            return F.linear(embed(self.root, x, A.T), B) * self.scale
         return F.linear(F.linear(x.to(A.dtype), A), B) * self.scale
 
     def fusable(self, x: Tensor) -> bool:
         """One fused autograd node applies: plain base layer, no live dropout, frozen fp32 base."""
         live_dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        if self.kind != "linear":
+            return False
         return not self.stacked and not live_dropout and can_fuse(x, self.weight, self.bias, self.A)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,4 +275,4 @@ class LoRA(Adapter):
         return y + self.lowrank(self.dropout(x), self.A, self.B).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
-        return self.scale * (self.B @ self.A)  # (out, in)
+        return self.layout(self.scale * (self.B @ self.A))  # (out, in); the layer's layout (Adapter.layout)

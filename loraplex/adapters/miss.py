@@ -111,7 +111,7 @@ class MiSS(Adapter):
             raise ValueError(f"mini_r={mini_r} must divide out_features={self.out_features}")
         self.rank, self.variant, self.mini_r, self.init = rank, variant, mini_r, init
         self.p = check_dropout(dropout)
-        self.dropout = nn.Dropout(self.p) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(self.p) if self.p else nn.Identity()
         cols = mini_r if variant == "mini" else self.out_features
         self.D = nn.Parameter(torch.zeros(rank, cols, device=self.param_device))  # (r, out | mini_r), fp32
         if not is_restoring():

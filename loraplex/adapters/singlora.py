@@ -92,7 +92,7 @@ class SingLoRA(Adapter):
         self.ramp_steps = check_int("ramp_steps", ramp_steps, low=0)
         self.rank, self.scale = rank, lora_scale(rank, alpha, rslora)
         self.init = check_choice("init", init, ("kaiming", "gaussian"))
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         d = max(self.in_features, self.out_features)
         self.A = nn.Parameter(torch.empty(d, rank, device=self.param_device))  # (max(in, out), r), fp32
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=self.param_device))

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, check_dropout, is_restoring
 from loraplex.adapters._ops import can_fuse
-from loraplex.adapters._structured import check_number, check_square, toeplitz, toeplitz_matmul
+from loraplex.adapters._structured import check_number, check_square, compute_dtype, toeplitz, toeplitz_matmul
 
 # The merged-weight path pays for itself from about this many rows per feature (see Toeplitz.fusable).
 FUSE_ROWS_PER_FEATURE = 0.75
@@ -39,6 +39,10 @@ class Toeplitz(Adapter):
     from ``0.75 d`` rows on a plain base layer the forward is instead one GEMM
     with ``W0 + delta_weight()`` and the gradient of ΔW the GEMM ``gy^T x``; see ``fusable``.
 
+    Half precision: the intermediate ``x T(a)`` stays in fp32 between the two products (rounded to an
+    fp16 input's dtype it overflowed at 65504 into inf, then ``inf · 0 = NaN`` in the second FFT, even
+    when the final ``x T(a) T(αb)`` fits fp16; tested).
+
     Shapes: x (..., d) -> (..., d); a, b (d,), fp32.
 
     Args:
@@ -65,7 +69,7 @@ class Toeplitz(Adapter):
         super().__init__(base)
         d = check_square(self.method, self.in_features, self.out_features)
         self.alpha = check_number("alpha", alpha)
-        self.dropout = nn.Dropout(check_dropout(dropout)) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
         self.a = nn.Parameter(torch.zeros(d, device=self.param_device))  # (d,), fp32
         self.b = nn.Parameter(torch.zeros(d, device=self.param_device))  # (d,), fp32
         if not is_restoring():
@@ -105,7 +109,9 @@ class Toeplitz(Adapter):
         if self.fusable(x):
             return F.linear(x, self.weight + self.delta_weight(), self.bias)
         y = self.base(x)  # each adapter's effect is of the layer input x, so stacked ones add up
-        z = toeplitz_matmul(toeplitz_matmul(self.dropout(x), self.a), self.alpha * self.b)  # x T(a) T(αb)
+        dx = self.dropout(x)
+        dx = dx.to(compute_dtype(dx, self.a))  # fp32 for half models: x T(a) may exceed fp16's range
+        z = toeplitz_matmul(toeplitz_matmul(dx, self.a), self.alpha * self.b)  # x T(a) T(αb)
         return y + z.to(y.dtype)
 
     def delta_weight(self) -> Tensor:

@@ -37,6 +37,7 @@ from loraplex.analysis.spectra import (
 )
 from loraplex.compression.layers import LOW_RANK_LAYERS
 from loraplex.inject import Targets, _head_names, adapters, match
+from loraplex.io import write_figure
 
 Row = dict[str, Any]
 _BLOCK = re.compile(r"\.(\d+)\.")  # "encoder.layer.3.attention" -> block 3
@@ -235,7 +236,7 @@ def plot(rows: list[Row], path: str | os.PathLike[str], title: str = "singular-v
     ax_b.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    write_figure(fig, out, dpi=110)  # atomic (issue 10)
     plt.close(fig)
     return out
 

@@ -9,7 +9,15 @@ A compressed folder holds:
   for the Kronecker / Hadamard layers, its options (``{"kind": "kronecker", ..., "options": {..}}``);
 * for a HuggingFace model, its ``config.json`` (and whatever the caller adds, e.g. the tokenizer).
 
-Both files are written atomically, the JSON last, so a folder with a ``compression.json`` is complete.
+Every file is written atomically (temporary file in the folder, fsync, rename), the JSON last, so a
+folder with a ``compression.json`` is complete; the JSON holds the SHA-256 of the tensors
+(``tensors_sha256``, see :mod:`loraplex.io`), so tensors and JSON from two different saves are
+refused. ``save_compressed`` writes ``config.json`` itself; a caller adding files (the tokenizer's
+``save_pretrained``) should do so before calling it, or accept that those files are not covered.
+
+Loading checks everything (JSON, tensors against the rebuilt layers: names, shapes, dtypes) before
+the model given is touched: on any error it is left unchanged. Dtypes must equal the saved ``dtype``
+exactly (floating tensors) or the model's own dtype (integer buffers); nothing is cast.
 
 Loading: ``load_compressed(directory)`` rebuilds a HuggingFace model from ``config.json`` and the
 class name (looked up in ``transformers``, never imported from a path); ``load_compressed(directory,
@@ -22,6 +30,7 @@ can be fine-tuned with a new head.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +38,11 @@ import torch
 from torch import nn
 
 from loraplex.compression.layers import LowRankLinear
-from loraplex.io import atomic_write, read_json, read_tensors, write_json, write_tensors
+from loraplex.io import check_tensors, read_json, read_tensors, tensor_digest, write_json, write_tensors, write_text
 
 FORMAT = "loraplex-compressed"
 FORMAT_VERSION = 1
+SPEC_KEYS = {"format", "format_version", "model_class", "dtype", "layers", "tensors_sha256"}
 SPEC_FILE = "compression.json"
 TENSOR_FILE = "model.safetensors"
 
@@ -77,14 +87,9 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     }
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        text = config.to_json_string()
-
-        def write(tmp: Path) -> None:
-            tmp.write_text(text, encoding="utf-8")
-
-        atomic_write(d / "config.json", write)
-    write_tensors(d / TENSOR_FILE, model.state_dict())
-    write_json(d / SPEC_FILE, spec)
+        write_text(d / "config.json", config.to_json_string())
+    spec["tensors_sha256"] = write_tensors(d / TENSOR_FILE, model.state_dict())
+    write_json(d / SPEC_FILE, spec)  # last: the folder is loadable only once everything is in place
     return d
 
 
@@ -94,10 +99,15 @@ def read_compression_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
     where = Path(directory) / SPEC_FILE
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{where} is not a loraplex compressed model (format != {FORMAT!r})")
-    if spec.get("format_version") != FORMAT_VERSION:
+    version = spec.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{where}: format_version={version!r} must be a positive integer")
+    if version > FORMAT_VERSION:
         raise ValueError(
-            f"{where}: format_version={spec.get('format_version')!r}, this loraplex reads {FORMAT_VERSION}"
+            f"{where}: format_version={version} is newer than this loraplex reads ({FORMAT_VERSION}); upgrade loraplex"
         )
+    if extra := sorted(set(spec) - SPEC_KEYS):
+        warnings.warn(f"{where}: ignoring unknown keys {extra}", stacklevel=3)
     layers = spec.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{where}: 'layers' must be an object")
@@ -110,9 +120,15 @@ def read_compression_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
             opts = entry.get("options")
             ok = isinstance(opts, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in opts.values())
         if not ok or not isinstance(entry.get("bias"), bool):
-            raise ValueError(f"{where}: layer {name!r} has a malformed entry {entry!r}")
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            hint = f" (kind={kind!r} is not one of {', '.join(kinds)})" if kind not in kinds else ""
+            raise ValueError(f"{where}: layer {name!r} has a malformed entry {entry!r}{hint}")
+        if extra := sorted(set(entry) - {"kind", "in", "out", "rank", "bias", "options"}):
+            warnings.warn(f"{where}: ignoring unknown keys {extra} in layer {name!r}", stacklevel=3)
     if not isinstance(spec.get("model_class"), str) or not isinstance(spec.get("dtype"), str):
         raise ValueError(f"{where}: 'model_class' and 'dtype' must be strings")
+    if not isinstance(spec.get("tensors_sha256", ""), str):
+        raise ValueError(f"{where}: tensors_sha256 must be a string")
     return spec
 
 
@@ -140,14 +156,25 @@ def _host(model: nn.Module, class_name: str) -> nn.Module:
     return model
 
 
-def _empty_layer(e: dict[str, Any], w: torch.Tensor) -> nn.Module:
+def _empty_layer(e: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
     if e["kind"] == "lowrank":
-        return LowRankLinear(e["in"], e["out"], e["rank"], bias=e["bias"], device=w.device, dtype=w.dtype)
+        return LowRankLinear(e["in"], e["out"], e["rank"], bias=e["bias"], device=device, dtype=dtype)
     cls: Any = _structured()[e["kind"]]
     try:
-        return cls(e["in"], e["out"], e["bias"], **e["options"], device=w.device, dtype=w.dtype)
-    except TypeError as err:
+        return cls(e["in"], e["out"], e["bias"], **e["options"], device=device, dtype=dtype)
+    except (TypeError, ValueError) as err:
         raise ValueError(f"options {e['options']!r} do not fit a {e['kind']} layer: {err}") from err
+
+
+def _expected(host: nn.Module, new: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state_dict ``host`` will have once the ``new`` layers replace its own, cast to ``dtype``."""
+    out = {}
+    for k, v in host.state_dict().items():
+        if not any(k.startswith(name + ".") for name in new):
+            out[k] = v.to("meta", dtype) if v.is_floating_point() else v.to("meta")
+    for name, layer in new.items():
+        out.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    return out
 
 
 def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -157,10 +184,17 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
     dtype = getattr(torch, spec["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{d / SPEC_FILE}: dtype={spec['dtype']!r} is not a torch dtype")
+    tensors = read_tensors(d / TENSOR_FILE)
+    want, got = spec.get("tensors_sha256"), tensor_digest(d / TENSOR_FILE)
+    if want is not None and got is not None and got != want:
+        raise ValueError(
+            f"{d}: {TENSOR_FILE} and {SPEC_FILE} come from different saves (the spec expects tensors with "
+            f"SHA-256 {want[:12]}...); was a save interrupted or a file copied over?"
+        )
     if model is None:
         model = _hf_model(d, spec["model_class"])
     host = _host(model, spec["model_class"])
-    host.to(dtype)
+    new: dict[str, nn.Module] = {}
     for name, e in spec["layers"].items():
         try:
             old = host.get_submodule(name)
@@ -172,9 +206,15 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
         shape = tuple(w.shape) if isinstance(old, nn.Linear) else tuple(w.shape[::-1])
         if shape != (e["out"], e["in"]):
             raise ValueError(f"{d}: layer {name!r} has weight shape {shape}, the file has ({e['out']}, {e['in']})")
-        new = _empty_layer(e, w)
-        host.set_submodule(name, new.train(old.training))
-    tensors = read_tensors(d / TENSOR_FILE)
+        try:
+            new[name] = _empty_layer(e, w.device, dtype).train(old.training)
+        except ValueError as err:
+            raise ValueError(f"{d}: layer {name!r}: {err}") from err
+    check_tensors(tensors, _expected(host, new, dtype), d / TENSOR_FILE)
+    # every check passed: only now is the model changed
+    host.to(dtype)
+    for name, layer in new.items():
+        host.set_submodule(name, layer)
     try:
         host.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

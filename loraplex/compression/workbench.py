@@ -24,7 +24,7 @@ from loraplex.compression.io import is_compressed, load_compressed, save_compres
 from loraplex.compression.lord import plan
 from loraplex.compression.quality import embed, head_accuracy, mean_cosine
 from loraplex.data import load_splits
-from loraplex.io import write_json
+from loraplex.io import save_pretrained, write_json, write_text
 from loraplex.train import model_path
 
 
@@ -97,8 +97,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         )
     seconds = time.perf_counter() - start
     out = Path(cfg.out)
+    save_pretrained(tokenizer, out)  # each file renamed into place; before compression.json, which marks it complete
     save_compressed(model, out)
-    tokenizer.save_pretrained(out)
 
     rows = texts if cfg.eval_rows is None else texts[: cfg.eval_rows]
     labels = torch.tensor(train.labels[: len(rows)])
@@ -126,7 +126,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         "layers": [c.__dict__ for c in choices],
     }
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(summary(report) + "\n", encoding="utf-8")
+    write_text(out / "report.md", summary(report) + "\n")
     return report
 
 

@@ -71,6 +71,11 @@ def solve_sylvester(P: Tensor, Q: Tensor, C: Tensor, ridge: float = 1e-8) -> Ten
     ``P = U diag(p) Uᵀ``, ``Q = V diag(q) Vᵀ``: ``X = U [(Uᵀ C V)_ij / (p_i + q_j + ridge)] Vᵀ``, eigenvalues
     clamped at 0 (rounding). Computed in float64 on CPU / fp32 on GPU, returned in C's dtype.
 
+    Singular operator (``ridge = 0`` with both P and Q singular, e.g. rank-deficient B and A): the
+    denominators ``p_i + q_j + ridge`` are the operator's eigenvalues, and, as ``torch.linalg.pinv`` does
+    for the Gram inverses, those ``<= eps · r · r' · max`` count as zero and their entries of Y are 0 (the
+    minimum-norm least-squares X). Dividing by them gave ``0 / 0 = NaN``.
+
     Example:
         >>> P, Q = torch.eye(2, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64)
         >>> solve_sylvester(P, Q, 3 * torch.eye(2, dtype=torch.float64), ridge=0.0)
@@ -81,7 +86,9 @@ def solve_sylvester(P: Tensor, Q: Tensor, C: Tensor, ridge: float = 1e-8) -> Ten
     p, U = torch.linalg.eigh(P.to(dt))
     q, V = torch.linalg.eigh(Q.to(dt))
     F = U.T @ C.to(dt) @ V
-    Y = F / (p.clamp_min(0)[:, None] + q.clamp_min(0)[None, :] + ridge)
+    den = p.clamp_min(0)[:, None] + q.clamp_min(0)[None, :] + ridge  # (r, r'): the operator's eigenvalues
+    kept = den > torch.finfo(dt).eps * den.numel() * den.max()  # pinv's default cutoff
+    Y = torch.where(kept, F / torch.where(kept, den, 1.0), 0.0)
     return (U @ Y @ V.T).to(C.dtype)
 
 

@@ -195,6 +195,8 @@ class ElaLoRAAllocator(Allocator):
         ddp_rewrap: bool = False,
     ) -> None:
         super().__init__(model, total_steps)
+        if not isinstance(ddp_rewrap, bool):
+            raise ValueError(f"ddp_rewrap={ddp_rewrap!r} must be True or False")
         dist = torch.distributed
         if not ddp_rewrap and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from loraplex.inject import adapters
+from loraplex.io import write_figure
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.(.+)$")  # "bert.encoder.layer.3" + "attention.self.query"
 
@@ -84,6 +85,6 @@ def heatmap(ranks: dict[str, int], path: str | Path, title: str = "final ranks")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="rank")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
