@@ -3,9 +3,21 @@
 from loraplex._version import __version__
 from loraplex.adapter import Adapter, Factorized
 from loraplex.adapters import METHODS
+from loraplex.combine import combine
 from loraplex.compression import compress, load_compressed, save_compressed
 from loraplex.convert import to_lora
-from loraplex.inject import adapt, adapters, advance, disabled, merge, track_steps, unload
+from loraplex.inject import (
+    activate,
+    adapt,
+    adapter_names,
+    adapters,
+    advance,
+    disabled,
+    merge,
+    remove,
+    track_steps,
+    unload,
+)
 from loraplex.io import load, save
 from loraplex.multi import enable_adapter_names, hotswap, mixed_batch, prepare_hotswap
 from loraplex.peft_io import export_peft, import_peft
@@ -15,9 +27,12 @@ __all__ = [
     "Adapter",
     "Factorized",
     "__version__",
+    "activate",
     "adapt",
+    "adapter_names",
     "adapters",
     "advance",
+    "combine",
     "compress",
     "disabled",
     "enable_adapter_names",
@@ -29,6 +44,7 @@ __all__ = [
     "merge",
     "mixed_batch",
     "prepare_hotswap",
+    "remove",
     "save",
     "save_compressed",
     "to_lora",

@@ -6,7 +6,10 @@ and adds its own effect to the base output. Every method implements three things
 
 * ``forward(x)``: the adapted output; ``self.active`` False means "behave as the base".
 * ``delta_weight()``: ΔW in the ``(out, in)`` layout, such that ``base(x) + x @ ΔW.T`` equals
-  ``forward(x)``. Merging, export and analysis are built on it and on nothing else.
+  ``forward(x)``. Merging, export and analysis are built on it and on nothing else. On a
+  convolution or an embedding (methods that declare them in ``layer_kinds``) ΔW is in the layer's
+  own weight layout (``weight_of``: ``(out, in, *kernel)``, ``(num, dim)``) and ``forward(x)`` is
+  the layer run with weight ``W + ΔW``.
 * ``num_params(in_features, out_features, **options)``: the documented trainable-parameter formula.
 
 Stacked adapters add up: each adapter's effect is taken relative to the innermost (root) layer's
@@ -24,6 +27,7 @@ from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _serial = itertools.count()
@@ -60,6 +64,30 @@ def is_linear(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
 
+KINDS = ("linear", "conv", "embedding")
+
+
+def is_conv(layer: nn.Module) -> bool:
+    """``nn.Conv1d`` or ``nn.Conv2d`` (not transformers' ``Conv1D``, which is a linear layer)."""
+    return isinstance(layer, nn.Conv1d | nn.Conv2d)
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """``"linear"`` (``nn.Linear``, ``Conv1D``), ``"conv"`` (``nn.Conv1d``, ``nn.Conv2d``), ``"embedding"``, or None."""
+    if is_linear(layer):
+        return "linear"
+    if is_conv(layer):
+        return "conv"
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_adaptable(layer: nn.Module) -> bool:
+    """A layer some method can adapt: linear, convolution or embedding (see ``layer_kind``)."""
+    return layer_kind(layer) is not None
+
+
 def root_layer(layer: nn.Module) -> nn.Module:
     """The innermost linear layer under a stack of adapters."""
     while isinstance(layer, Adapter):
@@ -68,16 +96,54 @@ def root_layer(layer: nn.Module) -> nn.Module:
 
 
 def weight_of(layer: nn.Module) -> Tensor:
-    """The weight of a linear layer in ``(out, in)`` layout (a view for ``Conv1D``)."""
+    """The weight in the layout of ``delta_weight()`` (merging adds the two).
+
+    Linear: ``(out, in)`` (a view for ``Conv1D``); convolution: its own ``(out, in, *kernel)``;
+    embedding: its own ``(num_embeddings, embedding_dim)``.
+    """
     w = layer.weight
     assert isinstance(w, Tensor)
     return w.T if is_conv1d(layer) else w
 
 
 def linear_sizes(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear layer or of the layer under an adapter."""
-    w = weight_of(root_layer(layer))
+    """``(in_features, out_features)`` of a layer or of the layer under an adapter.
+
+    Convolutions: ``in = in_channels · prod(kernel_size)``, ``out = out_channels`` (the weight as an
+    ``(out, in)`` matrix, as PEFT's LoHa / LoKr); embeddings: ``in = num_embeddings``,
+    ``out = embedding_dim`` (PEFT's ``lora_embedding_A`` is ``(r, num)``, ``lora_embedding_B`` ``(dim, r)``).
+    """
+    root = root_layer(layer)
+    w = root.weight
+    assert isinstance(w, Tensor)
+    if isinstance(root, nn.Embedding):
+        return w.shape[0], w.shape[1]
+    if is_conv(root):
+        return math.prod(w.shape[1:]), w.shape[0]
+    w = weight_of(root)
     return w.shape[1], w.shape[0]
+
+
+def check_layer(root: nn.Module, method: str, kinds: tuple[str, ...]) -> str:
+    """The kind of ``root`` (see ``layer_kind``) when ``method`` adapts it, else a ``ValueError``.
+
+    Convolutions must have ``groups=1`` (a grouped weight is not one ``(out, in·k)`` matrix);
+    embeddings must have ``max_norm=None`` (its renormalisation rewrites the weight in place, so
+    ``W + ΔW`` would not describe the layer).
+    """
+    kind = layer_kind(root)
+    name = type(root).__name__
+    if kind is None:
+        raise ValueError(
+            f"can only adapt nn.Linear, transformers' Conv1D, nn.Conv1d, nn.Conv2d or nn.Embedding layers, not {name}"
+        )
+    if kind not in kinds:
+        raise ValueError(f"method {method!r} cannot adapt {name} layers (it adapts {' and '.join(kinds)} layers)")
+    if kind == "conv" and root.groups != 1:
+        raise ValueError(f"{name} with groups={root.groups} must have groups=1 to be adapted by {method!r}")
+    if kind == "embedding" and root.max_norm is not None:
+        raise ValueError(f"nn.Embedding with max_norm={root.max_norm!r} must have max_norm=None to be adapted")
+    return kind
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:
@@ -129,11 +195,22 @@ class Adapter(nn.Module):
     default_lr: ClassVar[float]  # AdamW learning rate used when the user gives none
     size_option: ClassVar[str | None] = None  # the option that sets the parameter count (compare's budget)
 
+    # The layer kinds a method adapts ("linear", "conv", "embedding"). Read from the class's own
+    # namespace only (``supported_kinds``): a subclass whose forward is linear-only must not inherit
+    # its parent's convolution support silently.
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+
+    @classmethod
+    def supported_kinds(cls) -> tuple[str, ...]:
+        """``layer_kinds`` as the class itself declares it; ``("linear",)`` when it does not."""
+        kinds = cls.__dict__.get("layer_kinds", ("linear",))
+        assert isinstance(kinds, tuple)
+        return kinds
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         root = root_layer(base)
-        if not is_linear(root):
-            raise ValueError(f"can only adapt nn.Linear or transformers' Conv1D layers, not {type(root).__name__}")
+        self.kind = check_layer(root, getattr(self, "method", type(self).__name__), self.supported_kinds())
         root.requires_grad_(False)
         self.base = base
         self.name = "default"
@@ -158,10 +235,46 @@ class Adapter(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The frozen root weight, ``(out, in)``."""
+        """The frozen root weight as an ``(out, in)`` matrix (a view: convolutions flattened, embeddings transposed)."""
         w = self.root.weight
         assert isinstance(w, Tensor)
-        return w.T if self.transposed else w
+        if self.kind == "conv":
+            return w.flatten(1)
+        return w.T if self.transposed or self.kind == "embedding" else w
+
+    @property
+    def root_weight(self) -> Tensor:
+        """The frozen root weight in its own layout (``Conv1D``: ``(in, out)``; convolution: ``(out, in, *kernel)``)."""
+        w = self.root.weight
+        assert isinstance(w, Tensor)
+        return w
+
+    def layout(self, delta: Tensor) -> Tensor:
+        """An ``(out, in)`` matrix in the root layer's weight layout (``weight_of``): what ``delta_weight`` returns.
+
+        Linear: unchanged; convolution: reshaped to ``(out, in_channels, *kernel)``; embedding:
+        transposed to ``(num_embeddings, embedding_dim)``.
+        """
+        if self.kind == "conv":
+            return delta.reshape(self.root_weight.shape)
+        return delta.T if self.kind == "embedding" else delta
+
+    def per_output(self, v: Tensor) -> Tensor:
+        """A per-output-channel vector ``(out,)`` shaped to broadcast over this layer's output."""
+        if self.kind == "conv":
+            return v.view(-1, *[1] * (self.root_weight.dim() - 2))  # channels before the spatial dims
+        return v
+
+    def apply_weight(self, x: Tensor, delta: Tensor) -> Tensor:
+        """The root layer's operation with weight ``delta`` (its layout) and no bias, in ``delta``'s dtype."""
+        root = self.root
+        if self.kind == "conv":
+            conv = root._conv_forward
+            assert callable(conv)
+            return conv(x.to(delta.dtype), delta, None)
+        if self.kind == "embedding":
+            return embed(root, x, delta)
+        return F.linear(x.to(delta.dtype), delta)
 
     @property
     def bias(self) -> Tensor | None:
@@ -243,6 +356,17 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}, {opts}"
+
+
+def embed(layer: nn.Module, ids: Tensor, table: Tensor) -> Tensor:
+    """``F.embedding(ids, table)`` with ``layer``'s ``padding_idx`` and gradient options (as PEFT's ``_embed``)."""
+    return F.embedding(
+        ids,
+        table,
+        padding_idx=layer.padding_idx,  # type: ignore[arg-type]
+        scale_grad_by_freq=bool(layer.scale_grad_by_freq),
+        sparse=bool(layer.sparse),
+    )
 
 
 @runtime_checkable

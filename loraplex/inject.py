@@ -294,7 +294,7 @@ def reads_base(a: Adapter) -> bool:
     """Whether ``a``'s effect depends on its root layer's weight (so changing that weight changes the effect).
 
     True for adapters that are no weight update (the serial bottleneck adapter acts on the layer output)
-    and for those whose ``delta_weight()`` reads ``W0`` (DoRA / BoRA norms, Bone, MiSS-Bat). Decided: tested on
+    and for those whose ``delta_weight()`` reads ``W0`` (DoRA / BoRA norms, Bone, i.e. MiSS's Bat). Decided: tested on
     a copy, not from a list of methods: its own parameters and then its root weight are moved at random
     (:func:`_probe_noise`); the relative change of ``ΔW`` must stay below ``1e-4``. The first move puts
     adapters that start at ``ΔW = 0`` (Bone's ``T = 0``) at a generic point.
@@ -350,7 +350,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: an unknown ``name`` (the message lists the model's adapters); or an adapter whose
             ``release()`` rewrites the base weight (PiSSA / OLoRA) on a layer where another adapter
-            reads that weight (:func:`reads_base`: DoRA, BoRA, Bone, MiSS-Bat, the bottleneck adapter),
+            reads that weight (:func:`reads_base`: DoRA, BoRA, Bone (Bat), the bottleneck adapter),
             whose output would change. Every check runs first: on error the model is unchanged.
     """
     found = named_layers(model, name)
@@ -379,7 +379,7 @@ def merge_named(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: an unknown ``name``; a ``name`` adapter that is no weight update; another adapter on
             such a layer that reads the base weight (:func:`reads_base`: DoRA / BoRA norms, Bone,
-            MiSS-Bat, the bottleneck adapter), whose effect the merge would change (decided: refused
+            the bottleneck adapter), whose effect the merge would change (decided: refused
             rather than merged with a changed effect; merge everything with ``merge(model)``); a merged
             weight with NaN or inf. Every check runs first: on error the model is unchanged.
     """

@@ -63,11 +63,62 @@ class Odd(nn.Module):
         return self.classifier(torch.tanh(self.proj(x)))
 
 
+class ConvNet(nn.Module):
+    """Conv2d (padded), Conv2d (non-square kernel, stride, dilation), Conv1d without bias, a head (issue 11)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, (3, 2), stride=2, dilation=(1, 2))
+        self.c3 = nn.Conv1d(8, 10, 3, padding=2, bias=False)
+        self.classifier = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.c2(F.gelu(self.c1(x))))  # (N, 8, 4, 4)
+        h = F.gelu(self.c3(h.flatten(2)))  # (N, 10, 18)
+        return self.classifier(h.mean(-1))
+
+
+class Embed(nn.Module):
+    """A token embedding (with a padding index) and a linear, then a head (issue 11)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.proj = nn.Linear(8, 8)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.proj(self.emb(ids))).mean(1))
+
+
+def layer_input(layer: nn.Module, seed: int = 2) -> torch.Tensor:
+    """An input batch for one layer (or an adapter stack on it): token ids, (N, C, L), (N, C, H, W) or (N, in)."""
+    from loraplex.adapter import root_layer
+
+    root = root_layer(layer)
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(root, nn.Embedding):
+        return torch.randint(0, root.num_embeddings, (2, 5), generator=g)
+    if isinstance(root, nn.Conv1d | nn.Conv2d):
+        return torch.randn(2, root.in_channels, *[9] * (root.weight.dim() - 2), generator=g)
+    return torch.randn(6, layer.in_features, generator=g)
+
+
+def with_weight(layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The root layer of ``layer`` run with weight ``W + delta`` (its own layout) on ``x``."""
+    from loraplex.adapter import root_layer
+
+    root = root_layer(layer)
+    return torch.func.functional_call(root, {"weight": root.weight + delta}, (x,))
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
+    vocab: int = 0  # > 0: the input is token ids below this
 
     def make(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -75,6 +126,8 @@ class Model:
 
     def input(self, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
+        if self.vocab:
+            return torch.randint(0, self.vocab, self.input_shape, generator=g)
         return torch.randn(self.input_shape, generator=g).to(dtype)
 
 
@@ -82,7 +135,10 @@ MODELS = [
     Model("mlp", MLP, (5, 12)),
     Model("block", Block, (3, 7, 16)),
     Model("odd", Odd, (4, 13)),
+    Model("conv", ConvNet, (2, 3, 9, 9)),
+    Model("embed", Embed, (4, 6), vocab=11),
 ]
+CONV_TARGETS = ("c1", "c2", "c3")
 
 
 @dataclass(frozen=True)
@@ -205,6 +261,12 @@ CASES = [
         layer=(16, 16),
         targets=("query", "key", "value", "out"),
     ),
+    # Issue 11: convolutions (LoRA, DoRA, LoHa, LoKr) and embeddings (LoRA), named explicitly.
+    Case("lora", {"rank": 2, "alpha": 4}, models=("conv",), targets=CONV_TARGETS),
+    Case("lora", {"rank": 3, "alpha": 6, "dropout": 0.1}, models=("embed",), targets=("emb", "proj")),
+    Case("dora", {"rank": 2, "alpha": 4, "dropout": 0.1}, models=("conv",), targets=CONV_TARGETS),
+    Case("loha", {"rank": 2, "alpha": 4, "rank_dropout": 0.1}, models=("conv",), targets=CONV_TARGETS),
+    Case("lokr", {"rank": 2, "alpha": 4}, models=("conv",), targets=CONV_TARGETS),  # full w1, factored w2 on c3
 ]
 
 # Per-method tolerance overrides (fp32 unless stated); the default covers every method not listed.

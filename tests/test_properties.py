@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from matrix import CASES, MODELS, Case, Model, clone, perturb, tol
+from matrix import CASES, MODELS, Case, Model, clone, layer_input, perturb, tol, with_weight
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -68,10 +68,17 @@ def test_forward_dtypes(case: Case, dtype: torch.dtype) -> None:
 def test_trainable_count_is_the_formula(case: Case, model_spec: Model) -> None:
     base, model = adapted(model_spec, case)
     expected = sum(
-        METHODS[case.method].num_params(*linear_sizes(a), **case.options) for _, a in loraplex.adapters(model)
+        METHODS[case.method].num_params(*linear_sizes(a), **case.options, **kernel_of(a))
+        for _, a in loraplex.adapters(model)
     )
     expected += sum(p.numel() for p in base.classifier.parameters())
     assert loraplex.inject.count_trainable(model) == expected
+
+
+def kernel_of(a: Adapter) -> dict[str, int]:
+    """``kernel=prod(kernel_size)`` for an adapter on a convolution (LoKr's count needs it), else nothing."""
+    w = a.root.weight
+    return {"kernel": int(torch.tensor(w.shape[2:]).prod())} if a.kind == "conv" else {}
 
 
 # B. Trainability -------------------------------------------------------------------------------
@@ -155,6 +162,19 @@ def test_delta_weight_explains_the_output(case: Case) -> None:
     perturb(nn.Sequential(a))
     x = torch.randn(6, case.layer[0])
     torch.testing.assert_close(a.base(x) + x @ a.delta_weight().T, a(x), **tol(case))
+
+
+def test_delta_weight_explains_every_layer(case: Case, model_spec: Model) -> None:
+    """Property 9 on the model's own layers: the adapter is its root layer run with ``W + delta_weight()``.
+
+    For a linear layer this is ``base(x) + x ΔW^T``; it also covers convolutions and embeddings.
+    """
+    needs_weight_update(case)
+    _, model = adapted(model_spec, case)
+    perturb(model)
+    for _, a in loraplex.adapters(model):
+        x = layer_input(a)
+        torch.testing.assert_close(a(x), with_weight(a, x, a.delta_weight()), **tol(case))
 
 
 def test_merge_equals_unmerged(case: Case, model_spec: Model, tmp_path) -> None:
@@ -292,7 +312,7 @@ def test_two_adapters_on_one_layer_add_up(case: Case, model_spec: Model) -> None
         if not isinstance(top, Adapter):
             continue
         b, a = Adapter.stack(top)
-        x = torch.randn(6, top.in_features)
+        x = torch.randn(6, top.in_features) if top.kind == "linear" else layer_input(top)
         root = top.root(x)
         effects = []
         for on in ([a], [b], [a, b]):
@@ -300,4 +320,7 @@ def test_two_adapters_on_one_layer_add_up(case: Case, model_spec: Model) -> None
             effects.append(top(x) - root)
         torch.testing.assert_close(effects[2], effects[0] + effects[1], **tol(case))
         delta = a.delta_weight() + b.delta_weight()
-        torch.testing.assert_close(top(x), root + x @ delta.T, **tol(case))
+        if top.kind == "linear":
+            torch.testing.assert_close(top(x), root + x @ delta.T, **tol(case))
+        else:  # convolution or embedding: the root layer run with W + ΔW (property 9)
+            torch.testing.assert_close(top(x), with_weight(top, x, delta), **tol(case))

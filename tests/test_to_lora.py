@@ -1,0 +1,236 @@
+"""loraplex.to_lora: every weight-update method as a plain LoRA (issue 11), checked against numpy and PEFT."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from matrix import CASES, Case, clone, perturb, tol
+from torch import nn
+
+import loraplex
+from loraplex.convert import to_lora
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
+
+LINEAR_MODELS = ("mlp", "block", "odd")  # to_lora converts linear layers; conv / embedding cases are refused
+WEIGHT_CASES = [c for c in CASES if c.weight_update and c.specs and c.specs[0].name in LINEAR_MODELS]
+FIRST_CASES = [next(c for c in WEIGHT_CASES if c.method == m) for m in dict.fromkeys(c.method for c in WEIGHT_CASES)]
+
+
+def built(case: Case, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(base, adapted and perturbed copy, input) on the case's first matrix model."""
+    spec = case.specs[0]
+    base = spec.make(seed)
+    model = loraplex.adapt(clone(base), case.method, targets=case.targets, train=["classifier"], **case.options)
+    perturb(model)
+    return base, model, spec.input()
+
+
+def true_deltas(base: nn.Module, model: nn.Module) -> dict[str, np.ndarray]:
+    """ΔW of each adapted layer, independently: merged weight of a copy minus the original base weight."""
+    merged = loraplex.merge(copy.deepcopy(model))
+    names = {n for n, _ in loraplex.adapters(model)}
+    out = {}
+    for n in names:
+        w = merged.get_submodule(n).weight.detach().double() - base.get_submodule(n).weight.detach().double()
+        out[n] = w.numpy()
+    return out
+
+
+def tail(delta: np.ndarray, k: int) -> float:
+    s = np.linalg.svd(delta, compute_uv=False)
+    total = float(np.sum(s**2))
+    return 0.0 if total == 0 else float(np.sqrt(np.sum(s[k:] ** 2) / total))
+
+
+def lora_of(model: nn.Module, layer: str) -> loraplex.Adapter:
+    (a,) = [a for n, a in loraplex.adapters(model) if n == layer]
+    return a
+
+
+@pytest.mark.parametrize("wcase", WEIGHT_CASES, ids=str)
+def test_full_rank_truncation_and_energy_match_numpy(wcase: Case) -> None:
+    case = wcase  # not "case": conftest parametrizes that name over every case, non-weight-updates included
+    base, model, x = built(case)
+    y = model(x)
+    deltas = true_deltas(base, model)
+    names = {n: a.name for n, a in loraplex.adapters(model)}
+
+    full = clone(model)
+    report = to_lora(full, rank=10_000)  # larger than every layer: clamped to min(in, out)
+    assert all(a.method == "lora" for _, a in loraplex.adapters(full))
+    assert {n: a.name for n, a in loraplex.adapters(full)} == names
+    torch.testing.assert_close(full(x), y, **tol(case))
+    for c in report.layers:
+        assert c.method == case.method and c.rank == min(c.in_features, c.out_features)
+        assert c.error < 1e-6
+        torch.testing.assert_close(  # relative to the original base weight (PiSSA / OLoRA undone)
+            loraplex.adapter.weight_of(lora_of(full, c.layer).root), base.get_submodule(c.layer).weight, **tol(case)
+        )
+
+    k = 2
+    cut = clone(model)
+    report = to_lora(cut, rank=k)
+    for c in report.layers:
+        want = tail(deltas[c.layer], k)
+        assert c.rank == k
+        assert c.error == pytest.approx(want, abs=1e-5)
+        got = lora_of(cut, c.layer).delta_weight().detach().double().numpy()
+        actual = np.linalg.norm(deltas[c.layer] - got) / max(np.linalg.norm(deltas[c.layer]), 1e-300)
+        assert actual == pytest.approx(want, abs=1e-4)
+
+    energy = 0.8
+    chosen = clone(model)
+    report = to_lora(chosen, energy=energy)
+    for c in report.layers:
+        s2 = np.linalg.svd(deltas[c.layer], compute_uv=False) ** 2
+        if s2.sum() == 0:  # SingLoRA at step 0 (ramp u(0) = 0): ΔW = 0 keeps the least LoRA, rank 1
+            assert c.rank == 1 and c.delta_rank == 0 and c.error == 0.0
+            continue
+        share = np.cumsum(s2) / s2.sum()
+        assert share[c.rank - 1] >= energy - 1e-6  # enough energy at k
+        assert c.rank == 1 or share[c.rank - 2] < energy + 1e-6  # and not at k - 1: the least such k
+        assert lora_of(chosen, c.layer).rank == c.rank
+
+
+@pytest.mark.parametrize("wcase", FIRST_CASES, ids=str)
+def test_peft_loads_the_converted_model(wcase: Case, tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    base, model, x = built(wcase)
+    report = to_lora(model, energy=0.9)  # ranks differ between layers: PEFT's rank / alpha patterns
+    loraplex.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["classifier"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(report.layers) == len(config["target_modules"])
+
+
+def test_several_adapters_on_a_layer_become_one_lora_each() -> None:
+    """Decision: one LoRA per adapter, same name, same order, same active flag; PiSSA's rewrite undone."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12), nn.GELU(), nn.Linear(12, 7))
+    model = loraplex.adapt(clone(base), "lora", rank=3, init="pissa", name="p")
+    loraplex.adapt(model, "dora", rank=2, name="d")  # reads the rewritten W0 - s B0 A0
+    loraplex.adapt(model, "loha", rank=2, name="h", targets=["0"])
+    perturb(model)
+    x = torch.randn(4, 10)
+    y = model(x)
+    before = {(n, a.name): a.delta_weight().detach().clone() for n, a in loraplex.adapters(model)}
+    stacks_before = [(n, a.name) for n, a in loraplex.adapters(model)]
+    shift = {n: a.scale * (a.B0 @ a.A0) for n, a in loraplex.adapters(model) if a.name == "p"}
+    loraplex.adapters(model)[-1][1].active = False  # the outermost of layer 2 ("d") stays off
+    y_off = model(x)
+    report = to_lora(model, rank=100)
+    assert [(n, a.name) for n, a in loraplex.adapters(model)] == stacks_before
+    assert [(c.layer, c.name, c.method) for c in report.layers] == [
+        ("0", "p", "lora"),
+        ("0", "d", "dora"),
+        ("0", "h", "loha"),
+        ("2", "p", "lora"),
+        ("2", "d", "dora"),
+    ]
+    assert loraplex.adapters(model)[-1][1].active is False
+    torch.testing.assert_close(model(x), y_off, rtol=1e-4, atol=1e-4)
+    loraplex.adapters(model)[-1][1].active = True
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
+    for n, a in loraplex.adapters(model):
+        want = before[(n, a.name)] - (shift[n] if a.name == "p" else 0)  # PiSSA's LoRA: s B A - s B0 A0
+        torch.testing.assert_close(a.delta_weight(), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.weight, base.get_submodule(n).weight, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_delta_keeps_a_trainable_rank_one_lora() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5))
+    x = torch.randn(3, 6)
+    model = loraplex.adapt(clone(base), "lora", rank=4)  # B = 0: ΔW = 0
+    report = to_lora(model, energy=0.5)
+    (c,) = report.layers
+    assert (c.rank, c.delta_rank, c.error) == (1, 0, 0.0)
+    a = lora_of(model, "0")
+    assert torch.count_nonzero(a.B) == 0
+    torch.testing.assert_close(a.A @ a.A.T, torch.eye(1))
+    torch.testing.assert_close(model(x), base(x))
+    model(x).sum().backward()
+    assert a.B.grad is not None and a.B.grad.abs().sum() > 0  # it can still learn
+    again = loraplex.adapt(clone(base), "lora", rank=4)
+    assert to_lora(again, rank=3).layers[0].rank == 3 and torch.count_nonzero(lora_of(again, "0").B) == 0
+
+
+def test_rank_above_layer_size_is_clamped() -> None:
+    base, model, x = built(CASES[0])  # mlp: fc1 12 -> 20, fc2 20 -> 18
+    report = to_lora(model, rank=19)
+    assert {c.layer: c.rank for c in report.layers} == {"fc1": 12, "fc2": 18}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of rank and energy"),
+        ({"rank": 2, "energy": 0.5}, "exactly one of rank and energy"),
+        ({"rank": 0}, "rank=0 must be an integer >= 1"),
+        ({"rank": 2.0}, "rank=2.0 must be an integer >= 1"),
+        ({"rank": True}, "rank=True must be an integer >= 1"),
+        ({"energy": 0}, r"energy=0 must be a number in \(0, 1\]"),
+        ({"energy": 1.5}, r"energy=1.5 must be a number in \(0, 1\]"),
+        ({"energy": float("nan")}, r"energy=nan must be a number in \(0, 1\]"),
+    ],
+)
+def test_bad_targets_are_refused(kwargs, message) -> None:
+    _, model, _ = built(CASES[0])
+    with pytest.raises(ValueError, match=message):
+        to_lora(model, **kwargs)
+
+
+def test_non_weight_updates_are_refused_and_the_model_left_unchanged() -> None:
+    torch.manual_seed(0)
+    model = loraplex.adapt(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), "lora", rank=2, init="pissa", targets=["0"])
+    loraplex.adapt(model, "adapter", targets=["1"], name="serial")
+    perturb(model)
+    x = torch.randn(2, 6)
+    y = model(x)
+    with pytest.raises(ValueError, match="layer '1' carries a 'adapter' adapter"):
+        to_lora(model, rank=2)
+    assert [a.method for _, a in loraplex.adapters(model)] == ["lora", "adapter"]
+    torch.testing.assert_close(model(x), y)
+    with pytest.raises(ValueError, match="no adapter"):
+        to_lora(nn.Sequential(nn.Linear(3, 3)), rank=1)
+    conv = loraplex.adapt(nn.Sequential(nn.Linear(3, 3)), "lora", rank=1)
+    conv[0].base = nn.Conv2d(3, 3, 1)  # stands in for a convolution target (not adaptable yet)
+    with pytest.raises(ValueError, match="layer '0' is a Conv2d"):
+        to_lora(conv, rank=1)
+
+
+def test_conv1d_gpt2_converts_and_loads_in_peft(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = loraplex.adapt(copy.deepcopy(base), "dora", rank=4)
+    perturb(model)
+    y = model(ids).logits
+    report = to_lora(model, rank=64)  # c_attn 16 -> 48, c_proj 16 -> 16, c_fc 16 -> 64: full rank 16 each
+    assert {c.rank for c in report.layers} == {16}
+    assert all(a.transposed for _, a in loraplex.adapters(model))
+    torch.testing.assert_close(model(ids).logits, y, rtol=1e-5, atol=1e-5)
+    loraplex.export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(theirs(ids).logits, y, rtol=1e-5, atol=1e-5)
+
+
+def test_report_summary_and_json() -> None:
+    _, model, _ = built(CASES[4])  # dora on mlp
+    report = to_lora(model, rank=2)
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["rank"] == 2 and d["energy"] is None and len(d["layers"]) == 2
+    assert d["max_error"] == max(c["error"] for c in d["layers"]) == report.max_error
+    assert d["params"] == 2 * (12 + 20) + 2 * (20 + 18)
+    assert report.summary().startswith("to_lora(rank=2): 2 adapters (dora) -> LoRA ranks 2..2, 140 params")
