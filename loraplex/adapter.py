@@ -259,6 +259,12 @@ class Adapter(nn.Module):
             return delta.reshape(self.root_weight.shape)
         return delta.T if self.kind == "embedding" else delta
 
+    def matrix(self, delta: Tensor) -> Tensor:
+        """The inverse of ``layout``: a ``delta_weight()`` (the root's layout) as the ``(out, in)`` matrix."""
+        if self.kind == "conv":
+            return delta.reshape(delta.shape[0], -1)
+        return delta.T if self.kind == "embedding" else delta
+
     def per_output(self, v: Tensor) -> Tensor:
         """A per-output-channel vector ``(out,)`` shaped to broadcast over this layer's output."""
         if self.kind == "conv":

@@ -35,8 +35,16 @@ Decisions (not pinned down by PEFT or the issue; each is tested in ``tests/test_
 * Base-dependent sources (DoRA / BoRA norms, Bone, i.e. MiSS's Bat): ``ΔW_i`` is taken at the current base
   weight, so the LoRA is exact for this base only (as :func:`loraplex.to_lora`); PiSSA / OLoRA sources:
   ``ΔW_i = s B A``, relative to the residual base they sit on, like every adapter on that layer.
-* Layers other than ``nn.Linear`` / Conv1D (convolutions, embeddings) are refused with a ``ValueError``
-  naming the layer, as :func:`loraplex.to_lora` does: their ``ΔW`` layout is not the matrix LoRA's.
+* Convolutions and embeddings: the same code, in the ``(out, in)`` matrix layout (``Adapter.matrix``, as
+  :func:`loraplex.to_lora`): "svd" sums ``w_i ΔW_i`` as matrices (a convolution's ``(out, in_channels ·
+  prod(kernel))``, an embedding's ``(dim, num)``); "cat" and "linear" act on LoRA's stored ``A (r, in)``,
+  ``B (out, r)``, which are PEFT's ``lora_A`` kernel ``(r, in_channels, *kernel)`` flattened and ``lora_B``
+  ``(out, r, 1, 1)`` flattened (or ``lora_embedding_A`` ``(r, num)``, ``lora_embedding_B`` ``(dim, r)``). So
+  "cat" concatenates the ``lora_A`` kernels along their out channels and the ``lora_B`` 1x1 kernels along
+  their in channels, exactly as PEFT's ``add_weighted_adapter``. All sources on a layer share its root, so
+  its kernel, stride, padding and dilation. Decision: PEFT's "svd" reshapes only ``Conv2d`` updates (a
+  ``Conv1d``'s 3-D update goes to a batched SVD there); here every convolution is flattened, so ``B A``
+  is the best rank-``k`` approximation for ``Conv1d`` too.
 * cat / linear take only plain LoRA sources (any init); DoRA / BoRA are ``Factorized`` but their
   ``ΔW`` is not ``s B A``: use "svd". Adapters that are no weight update (the bottleneck adapter)
   are refused by every method.
@@ -66,10 +74,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, Factorized, check_choice, is_linear, restoring, root_layer
+from loraplex.adapter import Adapter, Factorized, check_choice, restoring, root_layer
 from loraplex.adapters.lora import LoRA
 from loraplex.analysis.spectra import numerical_rank
-from loraplex.convert import truncate
+from loraplex.convert import check_lora_layer, truncate
 from loraplex.inject import NAME_RE, adapter_names, add_trained, bind_options, build, layers
 
 COMBINATIONS = ("svd", "linear", "cat")
@@ -174,7 +182,7 @@ def source_rank(a: Adapter) -> int:
     """A source's rank for the svd default: ``A.shape[0]`` for ``Factorized`` adapters, else ``rank(ΔW)`` (>= 1)."""
     if isinstance(a, Factorized):
         return int(a.A.shape[0])
-    return max(1, numerical_rank(a.delta_weight().detach()))
+    return max(1, numerical_rank(a.matrix(a.delta_weight().detach())))
 
 
 def _sources(model: nn.Module, weights: dict[str, float]) -> dict[str, tuple[nn.Module, list[tuple[float, Adapter]]]]:
@@ -190,10 +198,7 @@ def _sources(model: nn.Module, weights: dict[str, float]) -> dict[str, tuple[nn.
 
 def _check_sources(plan: dict[str, tuple[nn.Module, list[tuple[float, Adapter]]]], method: str) -> None:
     for where, (top, found) in plan.items():
-        if not is_linear(root := root_layer(top)):
-            raise ValueError(
-                f"layer {where!r} is a {type(root).__name__}; combine builds a LoRA on nn.Linear and Conv1D layers"
-            )
+        check_lora_layer(where, root_layer(top))
         for _, a in found:
             if not a.weight_update:
                 raise ValueError(
@@ -257,7 +262,7 @@ def combine(
     built: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     report: list[LayerCombination] = []
     for where, (top, found) in plan.items():
-        target = sum(wi * a.delta_weight().detach().double() for wi, a in found)
+        target = sum(wi * a.matrix(a.delta_weight().detach()).double() for wi, a in found)  # (out, in)
         assert isinstance(target, Tensor)
         if method == "svd":
             assert rank is not None

@@ -49,8 +49,17 @@ Decisions (not pinned down by the issue; each is tested in ``tests/test_to_lora.
 * An adapter that is not a weight update (the serial bottleneck ``adapter``) has no ``ΔW``: a
   ``ValueError`` names the layer, and so does a ``ΔW`` with NaN or inf; the model is checked before
   anything changes, so it is left unchanged.
-* Layers other than ``nn.Linear`` and Conv1D (convolutions, embeddings) are refused with a ``ValueError``
-  naming the layer: their LoRA is not the matrix LoRA serving engines load.
+* Convolutions and embeddings (one mechanism for every method): ``ΔW_i`` is taken in the ``(out, in)``
+  matrix layout (``Adapter.matrix``, the inverse of ``Adapter.layout``; the root weight as the view
+  ``Adapter.weight``): a convolution's ``(out, in_channels, *kernel)`` flattened to ``(out, in_channels ·
+  prod(kernel))``, an embedding's ``(num, dim)`` transposed to ``(dim, num)``. The truncation and the
+  new LoRA's ``A (k, in)``, ``B (out, k)`` are then those of a linear layer, and loraplex's LoRA on that
+  root reads them as PEFT's conv LoRA (``A`` a convolution with the root's kernel, stride, padding and
+  dilation, ``B`` a 1x1 convolution) or embedding LoRA (``lora_embedding_A`` ``(k, num)``,
+  ``lora_embedding_B`` ``(dim, k)``), with ``delta_weight() = layout(B A)``. ``rank`` is clamped to
+  ``min(in, out)`` of that matrix. ``export_peft`` writes the result, except for a dilated or
+  non-zero-padded convolution, which PEFT's LoRA cannot express (``LoRA.to_peft`` refuses it). A root
+  LoRA cannot adapt (a grouped convolution) is a ``ValueError`` naming the layer.
 * Conv1D (GPT-2) layers: ``delta_weight`` is ``(out, in)`` for them too; the LoRA on a Conv1D exports
   with ``fan_in_fan_out=True``.
 
@@ -79,7 +88,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_fraction, is_linear, restoring, root_layer, weight_of
+from loraplex.adapter import Adapter, check_fraction, check_layer, restoring, root_layer
 from loraplex.adapters.lora import LoRA
 from loraplex.analysis.spectra import default_rtol, energy_rank, numerical_rank, singular_values, tail_error
 from loraplex.compression.layers import split_factors, svd
@@ -174,13 +183,21 @@ def truncate(delta: Tensor, rank: int | None, energy: float | None) -> tuple[Ten
     return A, B, numerical_rank(spectrum), tail_error(spectrum, k)
 
 
+def check_lora_layer(where: str, root: nn.Module) -> None:
+    """A plain LoRA can sit on ``root`` (a linear, convolution or embedding layer LoRA adapts), else a ``ValueError``
+    naming the layer ``where``."""
+    try:
+        check_layer(root, "lora", LoRA.supported_kinds())
+    except ValueError as e:
+        raise ValueError(f"layer {where!r}: {e}") from e
+
+
 def _check(stacks: dict[str, Adapter]) -> None:
     """Refuse before anything changes: adapters that are no weight update, ΔW with NaN or inf."""
     if not stacks:
         raise ValueError("the model has no adapter to convert to LoRA")
     for n, top in stacks.items():
-        if not is_linear(root := root_layer(top)):
-            raise ValueError(f"layer {n!r} is a {type(root).__name__}; to_lora converts nn.Linear and Conv1D layers")
+        check_lora_layer(n, root_layer(top))
         for a in Adapter.stack(top):
             if not a.weight_update:
                 raise ValueError(
@@ -192,11 +209,12 @@ def _check(stacks: dict[str, Adapter]) -> None:
 
 
 def _updates(top: Adapter) -> list[Tensor]:
-    """``ΔW_i'`` of the stack, outermost first; releases the stack (the root weight is ``W0`` again)."""
+    """``ΔW_i'`` of the stack as ``(out, in)`` matrices (``Adapter.matrix``), outermost first; releases the stack
+    (the root weight is ``W0`` again)."""
     stack = Adapter.stack(top)
-    deltas = [a.delta_weight().detach() for a in stack]  # before any release: they may read the rewritten W
+    deltas = [a.matrix(a.delta_weight().detach()) for a in stack]  # before any release: they may read W
     dtype = torch.promote_types(deltas[0].dtype, torch.float32)
-    W = weight_of(root_layer(top))
+    W = top.weight  # the root weight as the (out, in) matrix view
     out = []
     for a, d in zip(stack, deltas, strict=True):
         before = W.detach().to(dtype, copy=True)

@@ -161,6 +161,23 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
+def read_matching_tensors(spec: dict[str, Any], spec_path: Path, tensor_path: Path) -> dict[str, Tensor]:
+    """The tensors of ``tensor_path``, refused unless they are the ones ``spec`` was saved with.
+
+    A two-file save (tensors, then the spec naming their ``tensors_sha256``) killed between its two
+    renames leaves new tensors beside an old spec: that pair is a ``ValueError``, never a silent mix.
+    Files without digests (written by hand or another tool) are read as they are.
+    """
+    tensors = read_tensors(tensor_path)
+    want, got = spec.get("tensors_sha256"), tensor_digest(tensor_path)
+    if want is not None and got is not None and got != want:
+        raise ValueError(
+            f"{tensor_path.parent}: {tensor_path.name} and {spec_path.name} come from different saves (the spec "
+            f"expects tensors with SHA-256 {str(want)[:12]}...); was a save interrupted or a file copied over?"
+        )
+    return tensors
+
+
 def read_json(path: Path) -> Any:
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
@@ -352,13 +369,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str | None =
     """
     d = Path(directory)
     spec = read_spec(d)
-    tensors = read_tensors(d / TENSOR_FILE)
-    want, got = spec.get("tensors_sha256"), tensor_digest(d / TENSOR_FILE)
-    if want is not None and got is not None and got != want:
-        raise ValueError(
-            f"{d}: {TENSOR_FILE} and {SPEC_FILE} come from different saves (the spec expects tensors with "
-            f"SHA-256 {str(want)[:12]}...); was a save interrupted or a file copied over?"
-        )
+    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
     if name is not None:
         spec, tensors = select(spec, tensors, name, d)
     current = layers(model)

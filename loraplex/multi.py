@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from loraplex.adapter import Adapter
 from loraplex.adapters.lora import LoRA, lora_scale
 from loraplex.inject import adapters, bind_options, layers
-from loraplex.io import TENSOR_FILE, read_spec, read_tensors, tensor_digest
+from loraplex.io import SPEC_FILE, TENSOR_FILE, read_matching_tensors, read_spec
 
 # Options that never change what an adapter computes in eval mode: a hot-swap ignores them (the model keeps its own).
 INFERENCE_NEUTRAL = frozenset({"dropout"})
@@ -415,10 +415,7 @@ def hotswap(
     """
     d = Path(directory)
     spec = read_spec(d)
-    tensors = read_tensors(d / TENSOR_FILE)
-    want, got = spec.get("tensors_sha256"), tensor_digest(d / TENSOR_FILE)
-    if want is not None and got is not None and got != want:
-        raise ValueError(f"{d}: the tensors and the spec come from different saves")
+    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
     current = named(model, name)
     src = pick_source(spec, name, source, d)
     saved = saved_layers(spec, src)

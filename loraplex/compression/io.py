@@ -38,7 +38,14 @@ import torch
 from torch import nn
 
 from loraplex.compression.layers import LowRankLinear
-from loraplex.io import check_tensors, read_json, read_tensors, tensor_digest, write_json, write_tensors, write_text
+from loraplex.io import (
+    check_tensors,
+    read_json,
+    read_matching_tensors,
+    write_json,
+    write_tensors,
+    write_text,
+)
 
 FORMAT = "loraplex-compressed"
 FORMAT_VERSION = 1
@@ -184,13 +191,7 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
     dtype = getattr(torch, spec["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{d / SPEC_FILE}: dtype={spec['dtype']!r} is not a torch dtype")
-    tensors = read_tensors(d / TENSOR_FILE)
-    want, got = spec.get("tensors_sha256"), tensor_digest(d / TENSOR_FILE)
-    if want is not None and got is not None and got != want:
-        raise ValueError(
-            f"{d}: {TENSOR_FILE} and {SPEC_FILE} come from different saves (the spec expects tensors with "
-            f"SHA-256 {want[:12]}...); was a save interrupted or a file copied over?"
-        )
+    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
     if model is None:
         model = _hf_model(d, spec["model_class"])
     host = _host(model, spec["model_class"])
