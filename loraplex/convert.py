@@ -98,7 +98,9 @@ from loraplex.inject import add_trained, bind_options, build, layers
 @dataclass(frozen=True)
 class LayerConversion:
     """One converted adapter: ``rank`` of the new LoRA, ``delta_rank`` the numerical rank of its ``ΔW'``,
-    ``error = ‖ΔW' - ΔW'_rank‖_F / ‖ΔW'‖_F`` (0 for ``ΔW' = 0``), ``method`` the method it replaced."""
+    ``error = ‖ΔW' - ΔW'_rank‖_F / ‖ΔW'‖_F`` (0 for ``ΔW' = 0``), ``method`` the method it replaced;
+    ``in_features`` / ``out_features`` those of the ``(out, in)`` matrix (convolution: ``in_channels ·
+    prod(kernel)``, ``out_channels``; embedding: ``num_embeddings``, ``embedding_dim``)."""
 
     layer: str
     name: str

@@ -514,3 +514,145 @@ def test_combine_matches_peft_add_weighted_adapter(method: str, ranks: tuple[int
         if method != "svd":  # same factors, not only the same product (svd: signs of singular vectors are free)
             torch.testing.assert_close(a.A.detach(), layer.lora_A["mix"].weight.detach(), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(a.B.detach(), layer.lora_B["mix"].weight.detach(), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# combine on convolutions and embeddings: the same code, in the (out, in) matrix layout
+
+CONV, EMBED = (next(m for m in MODELS if m.name == n) for n in ("conv", "embed"))
+
+
+def spatial_loras(ranks: tuple[int, int] = (2, 3)) -> nn.Module:
+    """ConvNet (padded Conv2d, strided and dilated Conv2d, bias-free Conv1d) and the Embed model side by side."""
+    model = nn.ModuleDict({"conv": CONV.make(), "embed": EMBED.make()})
+    targets = ["conv.c1", "conv.c2", "conv.c3", "embed.emb", "embed.proj"]
+    for name, r, alpha in zip("ab", ranks, (4.0, 1.5), strict=True):
+        loraplex.adapt(model, "lora", name=name, rank=r, alpha=alpha, targets=targets, rslora=name == "b")
+    perturb(model)
+    return model
+
+
+def spatial_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    from matrix import layer_input
+
+    return {n: layer_input(model.get_submodule(n)) for n in ("conv.c1", "conv.c2", "conv.c3", "embed.emb")}
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_combine_on_conv_and_embedding_equals_the_dense_rederivation(method: str) -> None:
+    """cat: exactly Σ w ΔW; linear: PEFT's √(w s) rule built by hand; svd: the Eckart–Young error of the flattened
+    Σ w ΔW. The new adapter, switched on alone, runs the root layer with ``W + ΔW_new`` (its kind kept)."""
+    from matrix import with_weight
+
+    model = spatial_loras((3, 3) if method == "linear" else (2, 3))
+    weights = {"a": 0.7, "b": 0.4}
+    target = dense_target(model, weights)
+    report = combine(model, weights, "ab", method=method, rank=4 if method == "svd" else None)
+    got = deltas(model, "ab")
+    assert set(got) == set(target) == {e.layer for e in report.layers}
+    new = {n: a for n, a in loraplex.adapters(model) if a.name == "ab"}
+    for entry in report.layers:
+        n, want = entry.layer, target[entry.layer]
+        matrix = want.reshape(want.shape[0], -1) if want.dim() > 2 else want  # embedding: (num, dim), same σ
+        if method == "cat":
+            assert entry.rank == 5 and entry.error < 1e-6
+            torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-6)
+        elif method == "linear":
+            a, b = (next(x for m, x in loraplex.adapters(model) if m == n and x.name == k) for k in "ab")
+            ka, kb = math.sqrt(0.7 * a.scale), math.sqrt(0.4 * b.scale)
+            A = ka * a.A.detach().double() + kb * b.A.detach().double()
+            B = ka * a.B.detach().double() + kb * b.B.detach().double()
+            torch.testing.assert_close(got[n], new[n].layout(B @ A), rtol=1e-5, atol=1e-6)
+            assert entry.rank == 3 and entry.error == pytest.approx(float((got[n] - want).norm() / want.norm()), 1e-4)
+        else:
+            s = torch.linalg.svdvals(matrix)
+            k = min(4, *matrix.shape)
+            err = float(s[k:].square().sum().sqrt() / s.square().sum().sqrt())
+            assert entry.rank == k and entry.error == pytest.approx(err, rel=1e-4, abs=1e-6)
+            assert float((got[n] - want).norm() / want.norm()) == pytest.approx(err, rel=1e-4, abs=1e-6)
+    activate(model, "ab")
+    for n, x in spatial_inputs(model).items():
+        assert new[n].kind == ("embedding" if n == "embed.emb" else "conv")
+        torch.testing.assert_close(model.get_submodule(n)(x), with_weight(new[n], x, got[n].float()), **TIGHT)
+
+
+TIGHT = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def test_combine_svd_mixes_conv_methods() -> None:
+    """svd takes any weight-update sources on a conv (LoRA, DoRA, LoHa, LoKr); full rank is exact."""
+    model = CONV.make()
+    for name, method in zip("abcd", ("lora", "dora", "loha", "lokr"), strict=True):
+        loraplex.adapt(model, method, name=name, rank=2, targets=["c1", "c2", "c3"])
+    perturb(model)
+    weights = {"a": 0.5, "b": 0.25, "c": 1.0, "d": 0.3}
+    target = dense_target(model, weights)
+    report = combine(model, weights, "mix", rank=100)
+    assert {e.layer: e.rank for e in report.layers} == {"c1": 6, "c2": 8, "c3": 10}  # min(out, in_ch · kernel)
+    assert report.max_error < 1e-6
+    for n, d in deltas(model, "mix").items():
+        torch.testing.assert_close(d, target[n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'dora' adapter whose ΔW is not s B A"):
+        combine(model, {"a": 1.0, "b": 1.0}, "x", method="cat")
+
+
+class ConvEmbed(nn.Module):
+    """PEFT's add_weighted_adapter oracle: an embedding and a padded, strided Conv2d (PEFT's conv LoRA has no
+    dilation; its svd flattens Conv2d updates only, so no Conv1d here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 9, padding_idx=0)
+        self.conv = nn.Conv2d(9, 7, 3, padding=1, stride=2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).transpose(1, 2).reshape(ids.shape[0], 9, 4, 4)
+        return self.conv(h)
+
+
+@pytest.mark.parametrize(("method", "ranks"), [("cat", (4, 2)), ("linear", (3, 3)), ("svd", (4, 2))])
+def test_combine_on_conv_and_embedding_matches_peft(method: str, ranks: tuple[int, int]) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = ConvEmbed().eval()
+    targets = ["emb", "conv"]
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=ranks[0], lora_alpha=8, target_modules=targets), adapter_name="one"
+    )
+    theirs.add_adapter("two", peft.LoraConfig(r=ranks[1], lora_alpha=3, target_modules=targets))
+    ours = loraplex.adapt(copy.deepcopy(base), "lora", name="one", rank=ranks[0], alpha=8, targets=targets)
+    loraplex.adapt(ours, "lora", name="two", rank=ranks[1], alpha=3, targets=targets)
+    g = torch.Generator().manual_seed(7)
+
+    def peft_tensors(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name in layer.lora_embedding_A:
+            return layer.lora_embedding_A[name], layer.lora_embedding_B[name]  # (r, num), (dim, r)
+        return layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, in_ch, kh, kw), (out, r, 1, 1)
+
+    with torch.no_grad():
+        for where, a in loraplex.adapters(ours):
+            pa, pb = peft_tensors(theirs.base_model.model.get_submodule(where), a.name)
+            for mine, peft_p in ((a.A, pa), (a.B, pb)):
+                mine.copy_(torch.randn(mine.shape, generator=g))
+                peft_p.copy_(mine.view(peft_p.shape))
+    ids = torch.randint(0, 12, (2, 16), generator=g)
+    activate(ours, "one")  # PEFT's active adapter
+    torch.testing.assert_close(theirs(ids), ours(ids), **TIGHT)  # the same sources
+    theirs.add_weighted_adapter(["one", "two"], [0.7, 0.3], "mix", combination_type=method)
+    combine(ours, {"one": 0.7, "two": 0.3}, "mix", method=method)
+    seen = 0
+    for where, a in loraplex.adapters(ours):
+        if a.name != "mix":
+            continue
+        seen += 1
+        layer = theirs.base_model.model.get_submodule(where)
+        assert layer.scaling["mix"] == a.scale == 1.0
+        torch.testing.assert_close(a.delta_weight().detach(), layer.get_delta_weight("mix").detach(), **TIGHT)
+        if method != "svd":  # the same factors (cat: lora_A kernels along out channels, lora_B along in channels)
+            pa, pb = peft_tensors(layer, "mix")
+            torch.testing.assert_close(a.A.detach(), pa.detach().reshape(a.A.shape), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a.B.detach(), pb.detach().reshape(a.B.shape), rtol=1e-6, atol=1e-6)
+    assert seen == 2
+    theirs.set_adapter("mix")
+    activate(ours, "mix")
+    torch.testing.assert_close(theirs(ids), ours(ids), **TIGHT)

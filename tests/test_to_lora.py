@@ -16,9 +16,11 @@ from loraplex.convert import to_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
-LINEAR_MODELS = ("mlp", "block", "odd")  # to_lora converts linear layers; conv / embedding cases are refused
-WEIGHT_CASES = [c for c in CASES if c.weight_update and c.specs and c.specs[0].name in LINEAR_MODELS]
-FIRST_CASES = [next(c for c in WEIGHT_CASES if c.method == m) for m in dict.fromkeys(c.method for c in WEIGHT_CASES)]
+LINEAR_MODELS = ("mlp", "block", "odd")
+WEIGHT_CASES = [c for c in CASES if c.weight_update and c.specs]  # linear, conv and embedding models
+LINEAR_CASES = [c for c in WEIGHT_CASES if c.specs[0].name in LINEAR_MODELS]
+FIRST_CASES = [next(c for c in LINEAR_CASES if c.method == m) for m in dict.fromkeys(c.method for c in LINEAR_CASES)]
+SPATIAL_CASES = [c for c in WEIGHT_CASES if c.specs[0].name in ("conv", "embed")]
 
 
 def built(case: Case, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -31,13 +33,15 @@ def built(case: Case, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor
 
 
 def true_deltas(base: nn.Module, model: nn.Module) -> dict[str, np.ndarray]:
-    """ΔW of each adapted layer, independently: merged weight of a copy minus the original base weight."""
+    """ΔW of each adapted layer, independently: merged weight of a copy minus the original base weight, as a matrix
+    (a convolution's (out, in_channels, *kernel) flattened to (out, in_channels · prod(kernel)); an embedding's
+    (num, dim) kept: its singular values and norms are those of the transpose)."""
     merged = loraplex.merge(copy.deepcopy(model))
     names = {n for n, _ in loraplex.adapters(model)}
     out = {}
     for n in names:
         w = merged.get_submodule(n).weight.detach().double() - base.get_submodule(n).weight.detach().double()
-        out[n] = w.numpy()
+        out[n] = w.reshape(w.shape[0], -1).numpy()
     return out
 
 
@@ -79,7 +83,8 @@ def test_full_rank_truncation_and_energy_match_numpy(wcase: Case) -> None:
         want = tail(deltas[c.layer], k)
         assert c.rank == k
         assert c.error == pytest.approx(want, abs=1e-5)
-        got = lora_of(cut, c.layer).delta_weight().detach().double().numpy()
+        got = lora_of(cut, c.layer).delta_weight().detach().double()
+        got = got.reshape(got.shape[0], -1).numpy()
         actual = np.linalg.norm(deltas[c.layer] - got) / max(np.linalg.norm(deltas[c.layer]), 1e-300)
         assert actual == pytest.approx(want, abs=1e-4)
 
@@ -200,10 +205,11 @@ def test_non_weight_updates_are_refused_and_the_model_left_unchanged() -> None:
     torch.testing.assert_close(model(x), y)
     with pytest.raises(ValueError, match="no adapter"):
         to_lora(nn.Sequential(nn.Linear(3, 3)), rank=1)
-    conv = loraplex.adapt(nn.Sequential(nn.Linear(3, 3)), "lora", rank=1)
-    conv[0].base = nn.Conv2d(3, 3, 1)  # stands in for a convolution target (not adaptable yet)
-    with pytest.raises(ValueError, match="layer '0' is a Conv2d"):
+    conv = loraplex.adapt(nn.Sequential(nn.Conv2d(3, 3, 1)), "loha", rank=1, targets=["0"])
+    conv[0].base = nn.Conv2d(3, 3, 1, groups=3)  # a root no LoRA can adapt (not one (out, in·k) matrix)
+    with pytest.raises(ValueError, match="layer '0': Conv2d with groups=3 must have groups=1"):
         to_lora(conv, rank=1)
+    assert conv[0].method == "loha"
 
 
 def test_conv1d_gpt2_converts_and_loads_in_peft(tmp_path) -> None:
@@ -234,3 +240,86 @@ def test_report_summary_and_json() -> None:
     assert d["max_error"] == max(c["error"] for c in d["layers"]) == report.max_error
     assert d["params"] == 2 * (12 + 20) + 2 * (20 + 18)
     assert report.summary().startswith("to_lora(rank=2): 2 adapters (dora) -> LoRA ranks 2..2, 140 params")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convolutions and embeddings: the same code path, in the (out, in) matrix layout
+
+
+@pytest.mark.parametrize("scase", SPATIAL_CASES, ids=str)
+def test_conv_and_embedding_lora_equals_an_explicit_truncated_update(scase: Case) -> None:
+    """The converted LoRA on each root (dilated, strided, padded convs; an embedding with padding_idx) computes the
+    root layer run with ``W + ΔW_k``, ``ΔW_k`` built by numpy's SVD of the flattened merged update."""
+    from matrix import layer_input, with_weight
+
+    base, model, _ = built(scase)
+    deltas = true_deltas(base, model)
+    k = 2
+    report = to_lora(model, rank=k)
+    assert {c.layer for c in report.layers} == set(deltas)
+    for c in report.layers:
+        a = lora_of(model, c.layer)
+        root = base.get_submodule(c.layer)
+        conv = isinstance(root, nn.Conv1d | nn.Conv2d)
+        assert a.method == "lora"
+        assert a.kind == ("conv" if conv else "embedding" if isinstance(root, nn.Embedding) else "linear")
+        if conv:
+            assert (c.in_features, c.out_features) == (root.weight[0].numel(), root.out_channels)
+        u, s, vh = np.linalg.svd(deltas[c.layer], full_matrices=False)
+        cut = torch.from_numpy((u[:, :k] * s[:k]) @ vh[:k]).float().reshape(root.weight.shape)
+        x = layer_input(root)
+        torch.testing.assert_close(a(x), with_weight(root, x, cut), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.delta_weight(), cut, rtol=1e-4, atol=1e-5)
+
+
+CONV_PEFT = [c for c in SPATIAL_CASES if c.specs[0].name == "conv"] + [
+    c for c in SPATIAL_CASES if c.specs[0].name == "embed"
+]
+
+
+@pytest.mark.parametrize("scase", CONV_PEFT, ids=str)
+@pytest.mark.parametrize("rank", [None, 2])
+def test_conv_and_embedding_loras_load_in_peft(scase: Case, rank: int | None, tmp_path) -> None:
+    """PEFT round trip: full rank gives the original outputs, rank 2 the truncated ones (PEFT's conv LoRA has no
+    dilation, so the conv model's dilated ``c2`` is left out: it stays unadapted)."""
+    peft = pytest.importorskip("peft")
+    spec = scase.specs[0]
+    targets = ["c1", "c3"] if spec.name == "conv" else list(scase.targets)
+    base = spec.make(0)
+    model = loraplex.adapt(clone(base), scase.method, targets=targets, train=["classifier"], **scase.options)
+    perturb(model)
+    model.eval()
+    x = spec.input()
+    y = model(x)
+    report = to_lora(model, rank=rank if rank is not None else 10_000)
+    if rank is None:
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    loraplex.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+    for c in report.layers:
+        layer = theirs.base_model.model.get_submodule(c.layer)
+        want = lora_of(model, c.layer).delta_weight().detach()
+        torch.testing.assert_close(layer.get_delta_weight("default"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_dilated_conv_converts_but_does_not_export(tmp_path) -> None:
+    """Decision kept from LoRA.to_peft: a dilated conv converts (exactly at full rank) and export_peft refuses it."""
+    base, model, x = built(next(c for c in SPATIAL_CASES if c.specs[0].name == "conv" and c.method == "loha"))
+    y = model(x)
+    to_lora(model, rank=10_000)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dilation"):
+        loraplex.export_peft(model, tmp_path)
+
+
+def test_conv_rank_is_clamped_to_the_flattened_matrix() -> None:
+    """Conv2d(6, 8, (3, 2)): ΔW is (8, 36), so rank 100 keeps 8; Conv1d(8, 10, 3): (10, 24) keeps 10; c1 (6, 27): 6."""
+    _, model, _ = built(next(c for c in SPATIAL_CASES if c.specs[0].name == "conv" and c.method == "lokr"))
+    report = to_lora(model, rank=100)
+    assert {c.layer: (c.rank, c.in_features, c.out_features) for c in report.layers} == {
+        "c1": (6, 27, 6),
+        "c2": (8, 36, 8),
+        "c3": (10, 24, 10),
+    }
+    assert report.params == 6 * 33 + 8 * 44 + 10 * 34
