@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ lint: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+docs: $(STAMP)  # the documentation site, offline, into site/ (strict: a warning fails)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[docs]"
+	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/python docs/gen.py
+	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed.py --markdown benchmarks/results/speed.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) runs site docs/generated .pytest_cache .ruff_cache .mypy_cache
