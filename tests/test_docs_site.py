@@ -64,7 +64,8 @@ def test_measured_figures_come_from_the_committed_results(pages) -> None:
     rows = gen.at_budget(gen.compare_results())
     assert rows["lora"].accuracy == "0.6259" and rows["lora"].params == 295_680  # compare_300k_minilm_1epoch.md
     assert "**0.6259**" in pages["generated/methods/lora.md"]
-    speed = {r["setup"]: r for r in json.loads((ROOT / "benchmarks/results/speed_all_cpu_32x32.json").read_text())["results"]}
+    results = json.loads((ROOT / "benchmarks/results/speed_all_cpu_32x32.json").read_text())["results"]
+    speed = {r["setup"]: r for r in results}
     lora, dora = speed["ours-lora"], speed["ours-dora"]  # figures re-measured by every speed run: read, not pinned
     assert f"{lora['median_ms']:.1f} ms per training step" in pages["generated/methods/lora.md"]
     assert f"x {dora['x_ours_lora']:.2f} our LoRA, x {dora['x_peft']:.2f} PEFT's" in pages["generated/methods/dora.md"]
