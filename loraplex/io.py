@@ -298,21 +298,32 @@ def _str_list(value: Any, what: str) -> list[str]:
     return value
 
 
+def check_header(
+    spec: Any, path: Path, fmt: str, version: int, keys: set[str] | frozenset[str], what: str
+) -> dict[str, Any]:
+    """A spec JSON's ``format`` and ``format_version`` checked; unknown top-level keys warned about.
+
+    ``format`` must equal ``fmt``; ``format_version`` must be an integer in ``[1, version]`` (a newer
+    one asks for an upgrade). Keys outside ``keys`` are tolerated with a warning naming them.
+    """
+    if not isinstance(spec, dict) or spec.get("format") != fmt:
+        raise ValueError(f"{path} is not {what} of loraplex (format must be {fmt!r})")
+    found = spec.get("format_version")
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise ValueError(f"{path}: format_version={found!r} must be a positive integer")
+    if found > version:
+        raise ValueError(
+            f"{path}: format_version={found} is newer than this loraplex reads ({version}); upgrade loraplex"
+        )
+    if extra := sorted(set(spec) - set(keys)):
+        warnings.warn(f"{path}: ignoring unknown keys {extra}", stacklevel=4)
+    return spec
+
+
 def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse and validate a checkpoint's ``adapter.json``; unknown keys only warn."""
     path = Path(directory) / SPEC_FILE
-    spec = read_json(path)
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a loraplex adapter spec (format must be {FORMAT!r})")
-    version = spec.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"{path}: format_version={version!r} must be a positive integer")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version={version} is newer than this loraplex reads ({FORMAT_VERSION}); upgrade loraplex"
-        )
-    if extra := sorted(set(spec) - SPEC_KEYS):
-        warnings.warn(f"{path}: ignoring unknown keys {extra}", stacklevel=3)
+    spec = check_header(read_json(path), path, FORMAT, FORMAT_VERSION, SPEC_KEYS, "an adapter spec")
     entries = spec.get("adapters", [])
     if not isinstance(entries, list):
         raise ValueError(f"{path}: adapters must be a list, not {entries!r}")

@@ -110,3 +110,27 @@ def test_a_killed_save_leaves_the_previous_checkpoint(saved, tmp_path) -> None:
     loraplex.load(fresh, d)
     x = MODELS[0].input()
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_check_header_refuses_bool_and_newer_versions_and_warns_on_unknown_keys(tmp_path) -> None:
+    """One header check serves adapter specs and compressed models; ``True`` is not a version."""
+    import warnings as w
+
+    import pytest
+
+    from loraplex.io import check_header
+
+    where = tmp_path / "spec.json"
+    good = {"format": "f", "format_version": 1}
+    assert check_header(good, where, "f", 1, {"format", "format_version"}, "a spec") is good
+    for bad, message in [
+        ({"format": "g", "format_version": 1}, "format must be 'f'"),
+        ({"format": "f", "format_version": True}, "format_version=True must be a positive integer"),
+        ({"format": "f", "format_version": 2}, "format_version=2 is newer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_header(bad, where, "f", 1, {"format", "format_version"}, "a spec")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        check_header(good | {"extra": 1}, where, "f", 1, {"format", "format_version"}, "a spec")
+    assert any("'extra'" in str(c.message) for c in caught)

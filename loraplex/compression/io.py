@@ -39,6 +39,7 @@ from torch import nn
 
 from loraplex.compression.layers import LowRankLinear
 from loraplex.io import (
+    check_header,
     check_tensors,
     read_json,
     read_matching_tensors,
@@ -102,19 +103,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path
 
 def read_compression_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``compression.json`` of ``directory``."""
-    spec = read_json(Path(directory) / SPEC_FILE)
     where = Path(directory) / SPEC_FILE
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a loraplex compressed model (format != {FORMAT!r})")
-    version = spec.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{where}: format_version={version!r} must be a positive integer")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: format_version={version} is newer than this loraplex reads ({FORMAT_VERSION}); upgrade loraplex"
-        )
-    if extra := sorted(set(spec) - SPEC_KEYS):
-        warnings.warn(f"{where}: ignoring unknown keys {extra}", stacklevel=3)
+    spec = check_header(read_json(where), where, FORMAT, FORMAT_VERSION, SPEC_KEYS, "a compressed model")
     layers = spec.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{where}: 'layers' must be an object")
