@@ -59,3 +59,55 @@ def test_has_no_peft_codec_and_rejects_rewriting_inits() -> None:
         BoRA(nn.Linear(4, 4)).to_peft()
     with pytest.raises(ValueError, match="init='pissa'"):
         BoRA(nn.Linear(4, 4), init="pissa")
+
+
+def _detached_v_loss(a: BoRA, x: torch.Tensor, g: torch.Tensor, m_col: torch.Tensor) -> torch.Tensor:
+    """The loss as a function of m_col alone, V = W0 + s B A held fixed (the docstring's objective)."""
+    with torch.no_grad():
+        V = a.weight + a.scale * a.B @ a.A
+        U = V * (m_col / V.norm(dim=0))
+        W = U * (a.m_row / U.norm(dim=1))[:, None]
+        return ((x @ W.T) * g).sum()
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused", "delta_weight"])
+def test_m_col_gradient_matches_central_differences(path: str) -> None:
+    """Issue 18: the row norm depends on m_col through c; detaching it gave a gradient 49-75 % off.
+
+    W' is invariant to scaling m_col, so the true gradient is orthogonal to m_col (it was -8.57).
+    """
+    torch.manual_seed(3)
+    a = BoRA(nn.Linear(20, 12, bias=False), rank=3).double()
+    with torch.no_grad():
+        for p in (a.A, a.B, a.m_col, a.m_row):
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(7, 20, dtype=torch.float64)
+    g = torch.randn(7, 12, dtype=torch.float64)
+    if path == "fused":
+        out = a(x)
+    elif path == "unfused":
+        a.base.weight.requires_grad_(True)  # a trainable base takes the plain-autograd path
+        out = a(x)
+    else:
+        out = x @ (a.weight + a.delta_weight()).T
+    (out * g).sum().backward()
+    got = a.m_col.grad
+    assert got is not None
+    m = a.m_col.detach().clone()
+    h = 1e-6
+    want = torch.empty_like(m)
+    for j in range(m.numel()):
+        e = torch.zeros_like(m)
+        e[j] = h
+        want[j] = (_detached_v_loss(a, x, g, m + e) - _detached_v_loss(a, x, g, m - e)) / (2 * h)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    assert abs(float(got @ m)) < 1e-8 * float(got.norm() * m.norm())  # scale invariance: <g, m_col> = 0
+
+
+def test_zero_row_of_v_has_a_finite_m_col_gradient() -> None:
+    a = BoRA(nn.Linear(4, 3, bias=False), rank=2).double()
+    with torch.no_grad():
+        a.base.weight[1] = 0.0  # B = 0: that row of V is zero, its gain 0
+    x = torch.randn(5, 4, dtype=torch.float64)
+    a(x).sum().backward()
+    assert a.m_col.grad is not None and torch.isfinite(a.m_col.grad).all()

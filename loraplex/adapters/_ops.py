@@ -27,7 +27,8 @@ class _LowRankLinear(torch.autograd.Function):
     """``y = g ⊙ (x W^T + s (x A^T) B^T) + b`` with ``g = m ⊙ inv_norm`` (DoRA) or ``g = 1`` (LoRA).
 
     Shapes: x (N, in); W (out, in) frozen; b (out,) frozen or None; A (r, in); B (out, r);
-    m, inv_norm (out,) or None (inv_norm is detached: DoRA treats the norm as a constant).
+    m, inv_norm (out,) or None (DoRA's inv_norm is detached, its norm a constant; BoRA's carries m_col's
+    gradient through its column gain, and gets one).
     """
 
     @staticmethod
@@ -66,10 +67,12 @@ class _LowRankLinear(torch.autograd.Function):
         x, W, A, B, hT, m, inv_norm, z = ctx.saved_tensors
         s = ctx.s
         gy = gy.contiguous()  # attention hands back permuted gradients; every product below wants rows
-        gm = None
+        gm = ginv = None
         if m is not None:
-            if ctx.needs_input_grad[6]:
-                gm = (gy * z).sum(0) * inv_norm  # (out,)
+            if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
+                gz = (gy * z).sum(0)  # (out,): the gradient of the gain g = m ⊙ inv_norm
+                gm = gz * inv_norm if ctx.needs_input_grad[6] else None
+                ginv = gz * m if ctx.needs_input_grad[7] else None  # BoRA: its row norm depends on m_col
             gy = gy * (m * inv_norm)
         ghT = (B.T * s).contiguous() @ gy.T  # (r, N): B^T gy^T reads gy row-major
         gA = ghT @ x if ctx.needs_input_grad[3] else None  # (r, in)
@@ -85,7 +88,7 @@ class _LowRankLinear(torch.autograd.Function):
             else:
                 gx = gy @ W  # (N, in)
                 gx.addmm_(ghT.T, A)
-        return gx, None, None, gA, gB, None, gm, None, None
+        return gx, None, None, gA, gB, None, gm, ginv, None
 
 
 def lowrank_linear(

@@ -9,24 +9,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loraplex.adapters._ops import can_fuse, lowrank_linear
-from loraplex.adapters.dora import inverse_norm
+from loraplex.adapters.dora import NORM_EPS, inverse_norm
 from loraplex.adapters.lora import LoRA
 
 
 def bidirectional_gains(V: Tensor, m_col: Tensor) -> tuple[Tensor, Tensor]:
-    """The column gain ``c = m_col / ‖V‖_col`` and the inverse row norm ``1 / ‖V diag(c)‖_row``, norms detached.
+    """The column gain ``c = m_col / ‖V‖_col`` and the inverse row norm ``1 / ‖V diag(c)‖_row``, V detached.
 
-    ``W' = diag(m_row · inv_row) V diag(c)``. A zero column (row) of ``V`` (norm ``<= NORM_EPS``) has no
-    direction: its gain is 0 whatever the magnitude (``dora.inverse_norm``; a floored norm gave gains up to
-    ``m · 1e12``, whose square overflowed fp32 into ``0 · inf = NaN``).
+    ``W' = diag(m_row · inv_row) V diag(c)``. What is a constant in the backward pass, exactly: ``V`` and
+    everything computed from ``V`` alone (``‖V‖_col``, ``V ⊙ V``), as DoRA detaches its norm. ``c`` is not:
+    the row norm ``‖V diag(c)‖_row = sqrt(Σ_j V_ij² c_j²)`` depends on ``m_col`` through ``c``, and the
+    gradient flows through it. That dependence is what makes ``W'`` invariant to scaling ``m_col``
+    (``c → t c`` scales both ``V diag(c)`` and its row norm by ``t``), so the true gradient satisfies
+    ``⟨∂L/∂m_col, m_col⟩ = 0``; an earlier version detached the row norm too and got ``m_col``'s gradient
+    49-75 % off finite differences (tests/test_bora.py pins it to central differences in fp64).
+
+    A zero column (row) of ``V`` (norm ``<= NORM_EPS``) has no direction: its gain is 0 whatever the
+    magnitude (``dora.inverse_norm``; a floored norm gave gains up to ``m · 1e12``, whose square
+    overflowed fp32 into ``0 · inf = NaN``). The row norm's inverse is taken as ``rsqrt`` of the clamped
+    square, so that a zero row also has a zero (not ``0 / 0``) gradient.
     Shapes: V (out, in), m_col (in,) -> c (in,), inv_row (out,).
     """
     with torch.no_grad():
         V2 = V.square()  # (out, in): one pass gives both norms
         inv_col = inverse_norm(V2.sum(0).sqrt_())  # (in,)
     c = m_col * inv_col
-    with torch.no_grad():
-        inv_row = inverse_norm((V2 @ c.square()).sqrt_())  # (out,): ‖U‖_row² = Σ_j V_ij² c_j², U = V diag(c)
+    row2 = V2 @ c.square()  # (out,): ‖U‖_row² = Σ_j V_ij² c_j², U = V diag(c); differentiable in c
+    inv_row = torch.where(row2 > NORM_EPS**2, row2.clamp_min(NORM_EPS**2).rsqrt(), 0.0)
     return c, inv_row
 
 
@@ -48,8 +57,10 @@ class BoRA(LoRA):
 
     * Order: columns first, rows last, so that ``m_row`` keeps DoRA's meaning: it is exactly the
       row norms of ``W'`` (tested); ``m_col`` acts as a per-input-feature scale before it.
-    * Both norms are treated as constants in the backward pass (detached), as DoRA's paper
-      (section 4.3) and PEFT do for its one norm: same gradients for ``m``, less memory, and
+    * ``V`` is a constant in the backward pass (detached), as DoRA's paper (section 4.3) and PEFT
+      treat its one norm: the column norm ``‖V‖_col`` and ``V ⊙ V`` are constants, but the row
+      norm ``‖V diag(c)‖_row`` keeps its dependence on ``m_col`` through ``c`` (``bidirectional_gains``),
+      so ``m_col``'s gradient is exact for the detached-``V`` objective (finite differences, fp64).
       ``delta_weight()`` detaches the same way, so merge and gradients agree.
 
     Forward without building ``W'`` for the product: ``y = r ⊙ ((x ⊙ c) W0^T + s (x ⊙ c) A^T B^T) + b``
