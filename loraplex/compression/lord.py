@@ -383,6 +383,8 @@ def compress(
     Exactly one of ``rank``, ``energy``, ``ratio``; ``method`` ``"svd"`` or ``"activation"`` (with
     ``calibration``: an iterable of batches, each a dict of model keyword arguments, a tuple of
     positional arguments, or one tensor). Returns ``model``; :func:`plan` returns the per-layer report.
+    Refused with a ``ValueError`` naming the layer, before any layer is changed: NaN / inf weights (and, for
+    ``"activation"``, biases or calibration activations), a rank below 1, a rank dict naming an untargeted layer.
 
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     >>> model = compress(model, targets=["0"], rank=4)
