@@ -173,6 +173,25 @@ def check_nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
+def nonfinite_counts(tensor: Tensor) -> tuple[int, int]:
+    """``(number of NaN, number of ±inf)`` entries of ``tensor``."""
+    nan = int(torch.isnan(tensor).sum())
+    return nan, int((~torch.isfinite(tensor)).sum()) - nan
+
+
+def check_finite(where: str, what: str, tensor: Tensor, why: str) -> None:
+    """A ``ValueError`` when ``tensor`` holds NaN or inf: ``"{where} has non-finite {what} (n NaN, m inf); {why}"``.
+
+    ``where`` names the caller and the layer (``"compress: layer 'fc1'"``), ``what`` the tensor (``"weights"``),
+    ``why`` the method that needs finite values; used to refuse before a decomposition (whose LAPACK error would
+    not say which layer) and before any layer of the model is changed.
+    """
+    if tensor.is_floating_point() or tensor.is_complex():
+        if not bool(torch.isfinite(tensor).all()):
+            nan, inf = nonfinite_counts(tensor)
+            raise ValueError(f"{where} has non-finite {what} ({nan} NaN, {inf} inf); {why}")
+
+
 def check_dropout(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
         raise ValueError(f"dropout={value!r} must be a number in [0, 1)")
@@ -206,6 +225,15 @@ class Adapter(nn.Module):
         kinds = cls.__dict__.get("layer_kinds", ("linear",))
         assert isinstance(kinds, tuple)
         return kinds
+
+    @classmethod
+    def check_base(cls, base: nn.Module, options: dict[str, Any]) -> None:
+        """A ``ValueError`` when ``options`` cannot adapt ``base``, found without changing it (default: none).
+
+        ``adapt`` calls it on every targeted layer before building any adapter, so that a refusal leaves the
+        model exactly as it was (an init that rewrites the base weight, PiSSA's, would otherwise have to be
+        rolled back); a method's constructor may call it too.
+        """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

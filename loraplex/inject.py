@@ -194,6 +194,11 @@ def adapt(
     for n in names:
         if name in {a.name for a in Adapter.stack(found[n])}:
             raise ValueError(f"layer {n!r} already has an adapter named {name!r}")
+    for n in names:  # refusals that need no adapter built, before any layer changes
+        try:
+            METHODS[method].check_base(found[n], bound)
+        except ValueError as e:
+            raise ValueError(f"layer {n!r} ({method}): {e}") from e
     built: list[tuple[str, Adapter]] = []
     try:
         for n in names:

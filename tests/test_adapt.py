@@ -136,3 +136,29 @@ def test_dora_zero_rows_give_no_nan() -> None:
     assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     torch.testing.assert_close(y, layer(x))
     torch.testing.assert_close(model[0].delta_weight(), torch.zeros(6, 8))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_rewriting_inits_refuse_non_finite_base_weights_before_any_layer_changes(init: str, value: float) -> None:
+    """Before: PiSSA with NaN raised torch._LinAlgError "linalg.svd: ... non-finite values" after rewriting the
+    first layer (not rolled back: not a ValueError); PiSSA with inf and OLoRA gave NaN factors silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
+    with torch.no_grad():
+        model[2].weight[3, 4:7] = value
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = r"\(3 NaN, 0 inf\)" if value != value else r"\(0 NaN, 3 inf\)"
+    kind = "SVD" if init == "pissa" else "QR"
+    msg = rf"layer '2' \(lora\): the base layer has non-finite weights {counts}; init='{init}' needs finite .*{kind}"
+    with pytest.raises(ValueError, match=msg):
+        loraplex.adapt(model, "lora", rank=2, init=init)
+    assert not loraplex.adapters(model)
+    assert model.state_dict().keys() == state.keys()
+    for k, v in state.items():  # exactly: the check runs before the first layer is rewritten
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+    from loraplex.adapters.lora import LoRA
+
+    with pytest.raises(ValueError, match=rf"the base layer has non-finite weights {counts}"):
+        LoRA(model[2], rank=2, init=init)
+    loraplex.adapt(model, "lora", rank=2, init="kaiming")  # an init that does not factorise W0 accepts it

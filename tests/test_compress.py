@@ -414,3 +414,95 @@ def test_uniform_allocation_gives_every_layer_the_same_fraction() -> None:
 def test_top_level_names() -> None:
     assert loraplex.compress is compress and loraplex.load_compressed is load_compressed
     assert loraplex.save_compressed is save_compressed
+
+
+# ---------------------------------------------------------------- non-finite inputs and bad ranks (issue 18)
+
+
+def snapshot(model: nn.Module) -> tuple[list[type], dict[str, torch.Tensor]]:
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, snap: tuple[list[type], dict[str, torch.Tensor]]) -> None:
+    types, state = snap
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True)
+
+
+def poisoned(value: float) -> nn.Sequential:
+    """``mlp()`` with 3 entries of the middle layer's weight set to ``value``: layer '0' would change first."""
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, :3] = value
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rank": 4},
+        {"rank": 4, "solver": "randomized"},
+        {"rank": {"0": 3, "2": 3}},
+        {"ratio": 0.5},
+        {"energy": 0.9},
+        {"rank": 4, "method": "activation", "calibration": calibration()},
+        {"ratio": 0.5, "method": "kronecker"},
+        {"ratio": 0.5, "method": "hadamard"},
+    ],
+    ids=["rank", "randomized", "rank-dict", "ratio", "energy", "activation", "kronecker", "hadamard"],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused_naming_the_layer_before_any_change(kwargs: dict, value: float) -> None:
+    """Before: torch._LinAlgError from svd / eigh (naming no layer), a silent NaN model (rank with inf), or the
+    structured fit's "W has non-finite entries" after layer '0' was already replaced."""
+    model = poisoned(value)
+    snap = snapshot(model)
+    counts = "3 NaN, 0 inf" if value != value else "0 NaN, 3 inf"
+    method = kwargs.get("method", "svd")
+    msg = rf"compress: layer '2' has non-finite weights \({counts}\); method=\"{method}\" needs finite values"
+    with pytest.raises(ValueError, match=msg):
+        compress(model, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_non_finite_calibration_data_is_named_as_such() -> None:
+    """Before: torch._LinAlgError "linalg.eigh: ... ill-conditioned or has too many repeated eigenvalues"."""
+    data = calibration()
+    data[2][5, 7] = float("nan")
+    model = mlp()
+    snap = snapshot(model)
+    msg = r"calibration activations reaching layer '0' are non-finite \(1 NaN, 0 inf among 6144 input values\)"
+    with pytest.raises(ValueError, match=msg + '.*method="activation" needs finite calibration data'):
+        compress(model, rank=4, method="activation", calibration=data)
+    assert_unchanged(model, snap)
+    data = [b * float("inf") for b in calibration()]
+    with pytest.raises(ValueError, match=r"reaching layer '0' are non-finite \(0 NaN, 6144 inf"):
+        compress(model, ratio=0.5, method="activation", calibration=data)
+    assert_unchanged(model, snap)
+    with torch.no_grad():  # finite data, but a non-targeted layer before '2' makes its inputs NaN
+        model[0].bias[0] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration activations reaching layer '2' are non-finite \(256 NaN"):
+        compress(model, targets=["2", "4"], rank=4, method="activation", calibration=calibration())
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match=r"compress: layer '0' has non-finite bias \(1 NaN, 0 inf\)"):
+        compress(model, rank=4, method="activation", calibration=calibration())
+    assert_unchanged(model, snap)
+
+
+def test_rank_minus_one_and_untargeted_rank_names_are_refused() -> None:
+    """Before: rank=-1 (the internal DENSE) and a rank dict naming a missing layer silently kept layers dense."""
+    model = mlp()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"rank=-1 for layer '0' must be a positive integer"):
+        compress(model, rank=-1)
+    with pytest.raises(ValueError, match=r"rank=-1 for layer '2' must be a positive integer \(leave a layer out"):
+        compress(model, rank={"0": 3, "2": -1})
+    with pytest.raises(ValueError, match=r"rank names 1 layer\(s\) that are not targeted .*: '9'; targeted: '0', '2'"):
+        compress(model, rank={"0": 3, "9": 4})
+    with pytest.raises(ValueError, match=r"not targeted linear layers of the model: '4'; targeted: '0', '2'$"):
+        compress(model, targets=["0", "2"], rank={"4": 3})  # a layer of the model, but not targeted
+    assert_unchanged(model, snap)

@@ -109,6 +109,20 @@ def test_als_bad_input() -> None:
         als(torch.full((3, 3), float("nan")), 1)
 
 
+def test_all_zero_mask_is_refused() -> None:
+    """Before: accepted, returning a meaningless fit of nothing (losses 0, total 0)."""
+    W = randn(6, 4)
+    for mask in (torch.zeros(6, 4), torch.zeros(6, 4, dtype=torch.bool)):
+        for fit in (
+            lambda m: als(W, 2, m),
+            lambda m: als(W, 2, m, init="random"),
+            lambda m: hadamard_als(W, 1, 1, mask=m),
+            lambda m: kronecker_als(W, (3, 2), mask=m),
+        ):
+            with pytest.raises(ValueError, match=r"mask of shape \(6, 4\) is all zero: no entry of W is observed"):
+                fit(mask)
+
+
 # ---------------------------------------------------------------- Hadamard
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -227,6 +228,28 @@ def test_no_factorized_adapter() -> None:
         LoRAPro(nn.Linear(4, 3))
     with pytest.raises(ValueError, match="mode='adam'"):
         LoRAPro(tiny(rank=2), mode="adam")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "constraint"),
+    [
+        ("eps", -1.0, "must be a finite number > 0"),
+        ("eps", 0.0, "must be a finite number > 0"),
+        ("eps", math.nan, "must be a finite number > 0"),
+        ("eps", math.inf, "must be a finite number > 0"),
+        ("weight_decay", math.nan, "must be a finite number >= 0"),
+        ("weight_decay", math.inf, "must be a finite number >= 0"),
+        ("weight_decay", -0.1, "must be a finite number >= 0"),
+        ("lr", math.inf, "must be a finite number >= 0"),
+        ("ridge", math.inf, "must be a finite number >= 0"),
+        ("betas", (0.9,), "must be a pair of numbers in \\[0, 1\\)"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(option: str, value: object, constraint: str) -> None:
+    """Before: all accepted silently (eps=-1 / NaN and weight_decay=NaN then give NaN parameters at the first
+    step), except betas=(0.9,): IndexError "tuple index out of range"."""
+    with pytest.raises(ValueError, match=rf"^{option}={re.escape(repr(value))} {constraint}"):
+        LoRAPro(tiny(rank=2), **{option: value})
 
 
 def test_gralora_blocks_are_lora_pairs() -> None:

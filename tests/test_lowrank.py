@@ -358,3 +358,68 @@ def test_autoencoder_loss_composition() -> None:
     torch.testing.assert_close(ae.loss(x), want)
     plain = Autoencoder(enc, dec)
     torch.testing.assert_close(plain.loss(x), ((dec(enc(x)) - x) ** 2).mean())
+
+
+# ---------------------------------------------------------------- non-finite weights (issue 18)
+
+
+def poisoned(value: float) -> nn.Sequential:
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[1, :2] = value
+    return model
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    assert model.state_dict().keys() == state.keys()
+    for k, v in state.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_trp_refuses_non_finite_weights_naming_the_layer(value: float) -> None:
+    """Before: torch._LinAlgError "linalg.svd: ... contained non-finite values" for NaN (layer '0' already
+    truncated), nothing at all for inf (NaN weights afterwards)."""
+    counts = r"\(2 NaN, 0 inf\)" if value != value else r"\(0 NaN, 2 inf\)"
+    msg = rf"TRP: layer '2' has non-finite weights {counts}; its SVD needs finite values"
+    model = poisoned(value)
+    state = state_of(model)
+    with pytest.raises(ValueError, match=msg):
+        TRP(model)
+    assert_state(model, state)
+    model = mlp()  # diverged during training: the next SVD step refuses before replacing any layer
+    trp = TRP(model)
+    with torch.no_grad():
+        model[2].weight[1, :2] = value
+    state = state_of(model)
+    for call in (trp.step, trp.final_ranks, trp.finalize):
+        with pytest.raises(ValueError, match=msg):
+            call()
+        assert_state(model, state)
+    assert all(isinstance(model[i], nn.Linear) for i in (0, 2, 4))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_cuttlefish_refuses_non_finite_weights_naming_the_layer(value: float) -> None:
+    """Before: torch._LinAlgError from the stable rank's SVD for NaN, nothing for inf (rank from NaN)."""
+    counts = r"\(2 NaN, 0 inf\)" if value != value else r"\(0 NaN, 2 inf\)"
+    msg = rf"Cuttlefish: layer '2' has non-finite weights {counts}; its SVD needs finite values"
+    model = poisoned(value)
+    state = state_of(model)
+    with pytest.raises(ValueError, match=msg):
+        Cuttlefish(model, keep_first=0)
+    assert_state(model, state)
+    model = mlp()
+    cf = Cuttlefish(model, keep_first=0)
+    with torch.no_grad():
+        model[2].weight[1, :2] = value
+    state = state_of(model)
+    for call in (cf.epoch_end, cf.switch):
+        with pytest.raises(ValueError, match=msg):
+            call()
+        assert_state(model, state)
+    assert cf.history == {"0": [], "2": [], "4": []} and not cf.switched

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, embed, is_restoring
+from loraplex.adapter import (
+    Adapter,
+    check_choice,
+    check_dropout,
+    check_finite,
+    check_int,
+    embed,
+    is_restoring,
+    root_layer,
+)
 from loraplex.adapters._ops import can_fuse, lowrank_linear
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -134,6 +143,8 @@ class LoRA(Adapter):
             raise ValueError(f"alpha={alpha!r} must be > 0 for init='pissa' (its factors are sqrt(S_r / scale))")
         if init in REWRITING_INITS and self.stacked:
             raise ValueError(f"init={init!r} rewrites the base weight and cannot stack on another adapter")
+        if not is_restoring():
+            self.check_base(base, {"init": init})
         self.rank, self.scale, self.init = rank, lora_scale(rank, alpha, rslora), init
         p_drop = check_dropout(dropout)
         if self.kind == "embedding":  # PEFT ignores lora_dropout on token ids
@@ -151,6 +162,15 @@ class LoRA(Adapter):
     @classmethod
     def inits(cls) -> tuple[str, ...]:
         return INITS
+
+    @classmethod
+    def check_base(cls, base: nn.Module, options: dict[str, Any]) -> None:
+        """PiSSA / OLoRA factorise ``W0`` (SVD / QR): its weight must be finite."""
+        init = options.get("init")
+        w = getattr(root_layer(base), "weight", None)
+        if init in REWRITING_INITS and isinstance(w, Tensor):
+            why = f"init={init!r} needs finite values (it takes the {'SVD' if init == 'pissa' else 'QR'} of W0)"
+            check_finite("the base layer", "weights", w, why)
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, *, rank: int = 8, **_: object) -> int:

@@ -88,13 +88,21 @@ def by_energy(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
 
 
 def by_rank(layers: Sequence[LayerSpectrum], rank: int | dict[str, int]) -> dict[str, int]:
-    """The given rank (one for all, or per layer name), or ``DENSE`` where it saves no parameters."""
+    """The given rank (one for all, or per layer name), or ``DENSE`` where it saves no parameters.
+
+    A layer left out of a rank dict stays ``DENSE``; a given rank must be ``>= 1`` (``-1``, the internal
+    ``DENSE``, is refused: it would keep every layer dense without a word).
+    """
     out = {}
     for s in layers:
-        k = rank.get(s.name, DENSE) if isinstance(rank, dict) else rank
-        if isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != DENSE):
-            raise ValueError(f"rank={k!r} for layer {s.name!r} must be a positive integer")
-        out[s.name] = k if k != DENSE and k <= s.max_rank else DENSE
+        if isinstance(rank, dict) and s.name not in rank:
+            out[s.name] = DENSE
+            continue
+        k = rank[s.name] if isinstance(rank, dict) else rank
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            keep = " (leave a layer out of the rank dict to keep it dense)" if isinstance(rank, dict) else ""
+            raise ValueError(f"rank={k!r} for layer {s.name!r} must be a positive integer{keep}")
+        out[s.name] = k if k <= s.max_rank else DENSE
     return out
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_fraction, is_linear, weight_of
+from loraplex.adapter import check_finite, check_fraction, is_linear, weight_of
 from loraplex.compression.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio, by_uniform_ratio
 from loraplex.compression.layers import LowRankLinear, split_factors, svd
 from loraplex.inject import Targets, resolve
@@ -72,6 +72,8 @@ class InputStats:
     count: int
     total: Tensor  # (in,)
     outer: Tensor  # (in, in)
+    nan: Tensor | int = 0  # NaN entries among the inputs seen
+    inf: Tensor | int = 0  # ±inf entries among the inputs seen
 
     def mean_cov(self) -> tuple[Tensor, Tensor]:
         mean = self.total / self.count
@@ -122,6 +124,8 @@ def input_stats(model: nn.Module, names: list[str], calibration: Iterable[Any]) 
             if s is None:
                 z = x.new_zeros
                 s = stats[name] = InputStats(0, z(in_features), z(in_features, in_features))
+            nan = torch.isnan(x).sum()  # counted without a device sync; checked after the pass
+            s.nan, s.inf = s.nan + nan, s.inf + (~torch.isfinite(x)).sum() - nan
             s.count += x.shape[0]
             s.total += x.sum(0)
             s.outer += x.T @ x
@@ -143,6 +147,15 @@ def input_stats(model: nn.Module, names: list[str], calibration: Iterable[Any]) 
     missing = [n for n in names if n not in stats]
     if missing:
         raise ValueError(f"calibration never reached layer(s) {missing[:3]}: pass batches the model runs through them")
+    for name in names:  # module order: the first one named is where the non-finite values start
+        s = stats[name]
+        nan, inf = int(s.nan), int(s.inf)
+        if nan or inf or not bool(torch.isfinite(s.outer).all() and torch.isfinite(s.total).all()):
+            raise ValueError(
+                f"compress: the calibration activations reaching layer {name!r} are non-finite ({nan} NaN, {inf} inf "
+                f'among {s.count * s.total.numel()} input values); method="activation" needs finite calibration data '
+                "(check the batches, and the layers before this one)"
+            )
     return stats
 
 
@@ -212,6 +225,19 @@ def _check_args(rank: Any, energy: Any, ratio: Any, method: str, solver: str, ca
         raise ValueError(f'method="{method}" takes ratio= (the fraction of each layer\'s weights kept)')
 
 
+def _check_rank_names(rank: Any, names: list[str]) -> None:
+    """A rank dict may only name targeted layers (a misspelt name would silently keep the layer dense)."""
+    if not isinstance(rank, dict):
+        return
+    unknown = [k for k in rank if k not in names]
+    if unknown:
+        raise ValueError(
+            f"compress: rank names {len(unknown)} layer(s) that are not targeted linear layers of the model: "
+            f"{', '.join(map(repr, unknown[:3]))}; targeted: {', '.join(map(repr, names[:8]))}"
+            f"{', ...' if len(names) > 8 else ''}"
+        )
+
+
 def plan(
     model: nn.Module,
     *,
@@ -232,6 +258,13 @@ def plan(
     names = resolve(model, targets, exclude)
     for n in names:
         _check_linear_target(model, n)
+    _check_rank_names(rank, names)
+    for n in names:  # every layer before any is changed: a LAPACK error would not name the layer
+        layer = model.get_submodule(n)
+        why = f'method="{method}" needs finite values'
+        check_finite(f"compress: layer {n!r}", "weights", weight_of(layer), why)
+        if method == "activation" and (b := _bias(layer)) is not None:  # b' = P b + (I - P) ȳ
+            check_finite(f"compress: layer {n!r}", "bias", b, why)
     if method in STRUCTURED:
         assert ratio is not None
         return [structured(model, n, method, ratio) for n in names]
@@ -350,6 +383,8 @@ def compress(
     Exactly one of ``rank``, ``energy``, ``ratio``; ``method`` ``"svd"`` or ``"activation"`` (with
     ``calibration``: an iterable of batches, each a dict of model keyword arguments, a tuple of
     positional arguments, or one tensor). Returns ``model``; :func:`plan` returns the per-layer report.
+    Refused with a ``ValueError`` naming the layer, before any layer is changed: NaN / inf weights (and, for
+    ``"activation"``, biases or calibration activations), a rank below 1, a rank dict naming an untargeted layer.
 
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     >>> model = compress(model, targets=["0"], rank=4)

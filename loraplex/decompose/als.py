@@ -89,6 +89,8 @@ def check_mask(mask: Tensor | None, W: Tensor) -> Tensor | None:
     m = mask.to(device=W.device, dtype=work_dtype(W.device))
     if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
         raise ValueError("mask must hold finite non-negative weights (0/1 or bool for missing entries)")
+    if not bool(m.any()):
+        raise ValueError(f"mask of shape {tuple(m.shape)} is all zero: no entry of W is observed, nothing to fit")
     return m
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_int, check_nonnegative
+from loraplex.adapter import check_finite, check_int, check_nonnegative
 from loraplex.compression.layers import LOW_RANK_LAYERS, break_even_rank, factorize, svd
 from loraplex.lowrank.trp import find_targets, set_submodule
 
@@ -116,6 +116,7 @@ class Cuttlefish:
         self.ema_points, self.tail = check_int("ema_points", ema_points), check_int("tail", tail)
         self.frobenius_decay = check_nonnegative("frobenius_decay", frobenius_decay)
         self.only_if_smaller = bool(only_if_smaller)
+        self._check_finite()
         self.full = {n: min(w.shape[0], w[0].numel()) for n, w in ((n, self._weight(n)) for n in self.names)}
         sr0 = {n: stable_rank(self._weight(n)) for n in self.names}
         self.xi = {n: self.full[n] / max(sr0[n], 1) for n in self.names}
@@ -123,6 +124,11 @@ class Cuttlefish:
         self.stable = dict.fromkeys(self.names, False)
         self.switched = False
         self.factorized: dict[str, int] = {}  # layer -> rank, after the switch
+
+    def _check_finite(self) -> None:
+        """Every tracked weight finite, checked before any is used (the SVD's error would name no layer)."""
+        for name in self.names:
+            check_finite(f"Cuttlefish: layer {name!r}", "weights", self._weight(name), "its SVD needs finite values")
 
     def _weight(self, name: str) -> Tensor:
         w = self.model.get_submodule(name).weight
@@ -146,6 +152,7 @@ class Cuttlefish:
         """Record every tracked layer's ``sr`` and update the stable flags (nothing after the switch)."""
         if self.switched:
             return
+        self._check_finite()
         threshold = self.threshold(sum(not s for s in self.stable.values()))
         for name in self.names:
             self.history[name].append(stable_rank(self._weight(name)))
@@ -165,6 +172,7 @@ class Cuttlefish:
         """Factorise the tracked layers at :meth:`ranks` (in place; returns the model). Build a new optimizer."""
         if self.switched:
             raise ValueError("switched=True: the model was already factorised")
+        self._check_finite()
         for name, rank in self.ranks().items():
             w = self._weight(name)
             if self.only_if_smaller and rank > break_even_rank(w[0].numel(), w.shape[0]):

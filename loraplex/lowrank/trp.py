@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_fraction, check_int, check_nonnegative
+from loraplex.adapter import check_finite, check_fraction, check_int, check_nonnegative
 from loraplex.compression.layers import break_even_rank, factorize, svd
 from loraplex.inject import match
 
@@ -154,6 +154,7 @@ class TRP:
         self.pending = {}
         if self.t % self.period:
             return
+        self._check_finite()
         with torch.no_grad():
             for name in self.names:
                 w = self.weight(name)
@@ -162,6 +163,11 @@ class TRP:
                     w.copy_(low)
                 self.pending[name] = sub
                 self.last_ranks[name] = k
+
+    def _check_finite(self) -> None:
+        """Every targeted weight finite, checked before any is replaced (the SVD's error would name no layer)."""
+        for name in self.names:
+            check_finite(f"TRP: layer {name!r}", "weights", self.weight(name), "its SVD needs finite values")
 
     def before_step(self) -> None:
         """After ``loss.backward()``: ``W.grad += λ U_k V_kᵀ`` on SVD iterations."""
@@ -184,6 +190,7 @@ class TRP:
 
     def final_ranks(self) -> dict[str, int]:
         """The ``ValueThreshold`` rank :meth:`finalize` would use for every targeted layer."""
+        self._check_finite()
         return {name: value_rank(svd(self.weight(name))[1], self.final_threshold) for name in self.names}
 
     def finalize(self) -> nn.Module:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from loraplex.adapter import Factorized, check_choice
+from loraplex.adapter import Factorized, check_choice, check_nonnegative
 from loraplex.adapters.gralora import GraLoRA
 from loraplex.inject import adapters
 
@@ -212,12 +212,15 @@ class LoRAPro(torch.optim.Optimizer):
         ridge: float = 1e-8,
     ) -> None:
         check_choice("mode", mode, MODES)
-        if not lr >= 0.0:
-            raise ValueError(f"lr={lr!r} must be >= 0")
+        check_nonnegative("lr", lr)
+        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(isinstance(b, int | float) for b in betas)):
+            raise ValueError(f"betas={betas!r} must be a pair of numbers in [0, 1)")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas={betas!r} must be in [0, 1)")
-        if not ridge >= 0.0:
-            raise ValueError(f"ridge={ridge!r} must be >= 0")
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps < float("inf"):
+            raise ValueError(f"eps={eps!r} must be a finite number > 0 (it keeps m / (sqrt(v) + eps) finite)")
+        check_nonnegative("weight_decay", weight_decay)
+        check_nonnegative("ridge", ridge)
         pairs = _pairs(model)
         if not pairs:
             raise ValueError(
