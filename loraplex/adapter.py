@@ -24,7 +24,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -315,6 +315,37 @@ class Adapter(nn.Module):
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 
+    # Declared capabilities: consumers (LoRA-Pro, LoRA+, GoRA, hot-swap, combine) ask for these and never
+    # guess from attribute names (Kronecker's ``s kron(B, A)`` and ARD-LoRA's gated ``B diag(m) A`` have
+    # an ``A``, a ``B`` and a ``scale`` too). tests/test_factor_pairs.py checks every registered method's claim.
+
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A (r, in), B (out, r), scale), ...]`` with ``delta_weight()`` exactly ``Σ scale · B @ A``.
+
+        In the ``(out, in)`` matrix layout (``matrix(delta_weight())``); empty (the default) claims nothing.
+        Declared by LoRA (any init: PiSSA / OLoRA's ``ΔW`` is ``s B A`` relative to their residual base),
+        not by DoRA / BoRA (rescaled), Kronecker, ARD-LoRA, AdaLoRA, GraLoRA (see ``factor_blocks``).
+        """
+        return []
+
+    def factor_blocks(self) -> list[tuple[nn.Parameter, nn.Parameter, float, int]]:
+        """``[(A, B, scale, k), ...]`` with ``delta_weight()`` exactly the sum of the terms' updates.
+
+        ``k = 0``: a pair of ``factor_pairs``, update ``scale · B @ A``; ``k > 0``: a GraLoRA grid
+        (``blocks_A (k, in / k, r)``, ``blocks_B (k, r, out / k)``), update ``scale · block_delta(A, B)``.
+        Default: ``factor_pairs`` with ``k = 0``. LoRA-Pro steps these terms.
+        """
+        return [(A, B, s, 0) for A, B, s in self.factor_pairs()]
+
+    def product_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A (r, in), B (out, r), scale), ...]`` such that the adapter uses ``A`` and ``B`` only through
+        the product ``scale · B @ A`` (any ``(A', B')`` with the same product gives the same layer).
+
+        A weaker claim than ``factor_pairs`` (its default): DoRA / BoRA rescale ``W + s B A`` but declare it.
+        LoRA+ gives these ``B`` its fast learning rate; hot-swap zero-pads their rank.
+        """
+        return self.factor_pairs()
+
     # HuggingFace PEFT interop (optional): PEFT's name for the method, and the tensor names under a
     # layer in its checkpoints (the first one marks the adapted layers).
     peft_type: ClassVar[str | None] = None
@@ -373,12 +404,3 @@ def embed(layer: nn.Module, ids: Tensor, table: Tensor) -> Tensor:
         scale_grad_by_freq=bool(layer.scale_grad_by_freq),
         sparse=bool(layer.sparse),
     )
-
-
-@runtime_checkable
-class Factorized(Protocol):
-    """An adapter whose update is ``scale * B @ A`` (LoRA-Pro, GoRA and SVD inits use this)."""
-
-    A: nn.Parameter  # (r, in)
-    B: nn.Parameter  # (out, r)
-    scale: float
