@@ -12,6 +12,16 @@ and adds its own effect to the base output. Every method implements three things
   the layer run with weight ``W + ΔW``.
 * ``num_params(in_features, out_features, **options)``: the documented trainable-parameter formula.
 
+Optional, declared capabilities (default: none; consumers ask for them, never for attribute names):
+
+* ``factor_pairs()``: ``(A, B, scale)`` pairs with ``ΔW = Σ scale · B @ A`` exactly (LoRA); LoRA-Pro,
+  GoRA, combine's cat / linear and ``to_lora`` rely on it.
+* ``factor_blocks()``: the same as terms LoRA-Pro can step, GraLoRA's block grid included.
+* ``product_pairs()``: ``(A, B, scale)`` that the adapter uses only through ``scale · B @ A`` (LoRA,
+  DoRA, BoRA); LoRA+ gives their ``B`` its fast rate, hot-swap pads their rank.
+
+tests/test_factor_pairs.py checks every registered method's claims numerically.
+
 Stacked adapters add up: each adapter's effect is taken relative to the innermost (root) layer's
 weight, never relative to the output of the adapter below it.
 """
