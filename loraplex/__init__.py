@@ -1,7 +1,7 @@
 """loraplex: low-rank and structured adaptation and compression of neural networks."""
 
 from loraplex._version import __version__
-from loraplex.adapter import Adapter, Factorized
+from loraplex.adapter import Adapter
 from loraplex.adapters import METHODS
 from loraplex.combine import combine
 from loraplex.compression import compress, load_compressed, save_compressed
@@ -25,7 +25,6 @@ from loraplex.peft_io import export_peft, import_peft
 __all__ = [
     "METHODS",
     "Adapter",
-    "Factorized",
     "__version__",
     "activate",
     "adapt",

@@ -12,6 +12,16 @@ and adds its own effect to the base output. Every method implements three things
   the layer run with weight ``W + ΔW``.
 * ``num_params(in_features, out_features, **options)``: the documented trainable-parameter formula.
 
+Optional, declared capabilities (default: none; consumers ask for them, never for attribute names):
+
+* ``factor_pairs()``: ``(A, B, scale)`` pairs with ``ΔW = Σ scale · B @ A`` exactly (LoRA); LoRA-Pro,
+  GoRA, combine's cat / linear and ``to_lora`` rely on it.
+* ``factor_blocks()``: the same as terms LoRA-Pro can step, GraLoRA's block grid included.
+* ``product_pairs()``: ``(A, B, scale)`` that the adapter uses only through ``scale · B @ A`` (LoRA,
+  DoRA, BoRA); LoRA+ gives their ``B`` its fast rate, hot-swap pads their rank.
+
+tests/test_factor_pairs.py checks every registered method's claims numerically.
+
 Stacked adapters add up: each adapter's effect is taken relative to the innermost (root) layer's
 weight, never relative to the output of the adapter below it.
 """
@@ -24,7 +34,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -343,6 +353,37 @@ class Adapter(nn.Module):
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 
+    # Declared capabilities: consumers (LoRA-Pro, LoRA+, GoRA, hot-swap, combine) ask for these and never
+    # guess from attribute names (Kronecker's ``s kron(B, A)`` and ARD-LoRA's gated ``B diag(m) A`` have
+    # an ``A``, a ``B`` and a ``scale`` too). tests/test_factor_pairs.py checks every registered method's claim.
+
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A (r, in), B (out, r), scale), ...]`` with ``delta_weight()`` exactly ``Σ scale · B @ A``.
+
+        In the ``(out, in)`` matrix layout (``matrix(delta_weight())``); empty (the default) claims nothing.
+        Declared by LoRA (any init: PiSSA / OLoRA's ``ΔW`` is ``s B A`` relative to their residual base),
+        not by DoRA / BoRA (rescaled), Kronecker, ARD-LoRA, AdaLoRA, GraLoRA (see ``factor_blocks``).
+        """
+        return []
+
+    def factor_blocks(self) -> list[tuple[nn.Parameter, nn.Parameter, float, int]]:
+        """``[(A, B, scale, k), ...]`` with ``delta_weight()`` exactly the sum of the terms' updates.
+
+        ``k = 0``: a pair of ``factor_pairs``, update ``scale · B @ A``; ``k > 0``: a GraLoRA grid
+        (``blocks_A (k, in / k, r)``, ``blocks_B (k, r, out / k)``), update ``scale · block_delta(A, B)``.
+        Default: ``factor_pairs`` with ``k = 0``. LoRA-Pro steps these terms.
+        """
+        return [(A, B, s, 0) for A, B, s in self.factor_pairs()]
+
+    def product_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A (r, in), B (out, r), scale), ...]`` such that the adapter uses ``A`` and ``B`` only through
+        the product ``scale · B @ A`` (any ``(A', B')`` with the same product gives the same layer).
+
+        A weaker claim than ``factor_pairs`` (its default): DoRA / BoRA rescale ``W + s B A`` but declare it.
+        LoRA+ gives these ``B`` its fast learning rate; hot-swap zero-pads their rank.
+        """
+        return self.factor_pairs()
+
     # HuggingFace PEFT interop (optional): PEFT's name for the method, and the tensor names under a
     # layer in its checkpoints (the first one marks the adapted layers).
     peft_type: ClassVar[str | None] = None
@@ -401,12 +442,3 @@ def embed(layer: nn.Module, ids: Tensor, table: Tensor) -> Tensor:
         scale_grad_by_freq=bool(layer.scale_grad_by_freq),
         sparse=bool(layer.sparse),
     )
-
-
-@runtime_checkable
-class Factorized(Protocol):
-    """An adapter whose update is ``scale * B @ A`` (LoRA-Pro, GoRA and SVD inits use this)."""
-
-    A: nn.Parameter  # (r, in)
-    B: nn.Parameter  # (out, r)
-    scale: float

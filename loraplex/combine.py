@@ -29,7 +29,7 @@ Decisions (not pinned down by PEFT or the issue; each is tested in ``tests/test_
 * Weights are finite numbers ``>= 0``: negative weights (task negation) are refused so that a sign
   error cannot silently subtract an adapter; NaN / inf are refused.
 * ``rank`` (svd only; a ``ValueError`` for cat / linear, whose rank is fixed by the sources): default
-  the largest source rank over the layers: ``A.shape[0]`` for LoRA-family sources (``Factorized``:
+  the largest source rank over the layers: ``A.shape[0]`` for LoRA-family sources (``Adapter.product_pairs``:
   LoRA, DoRA, BoRA; PEFT's ``max(r)``), the numerical rank of ``ΔW_i`` for other methods (what a LoRA
   needs to hold it exactly).
 * Base-dependent sources (DoRA / BoRA norms, Bone, i.e. MiSS's Bat): ``ΔW_i`` is taken at the current base
@@ -45,9 +45,9 @@ Decisions (not pinned down by PEFT or the issue; each is tested in ``tests/test_
   its kernel, stride, padding and dilation. Decision: PEFT's "svd" reshapes only ``Conv2d`` updates (a
   ``Conv1d``'s 3-D update goes to a batched SVD there); here every convolution is flattened, so ``B A``
   is the best rank-``k`` approximation for ``Conv1d`` too.
-* cat / linear take only plain LoRA sources (any init); DoRA / BoRA are ``Factorized`` but their
-  ``ΔW`` is not ``s B A``: use "svd". Adapters that are no weight update (the bottleneck adapter)
-  are refused by every method.
+* cat / linear take only sources with one ``Adapter.factor_pairs`` pair (plain LoRA, any init); DoRA /
+  BoRA have A and B but their ``ΔW`` is not ``s B A`` (no factor pairs): use "svd". Adapters that are
+  no weight update (the bottleneck adapter) are refused by every method.
 
 Example:
     >>> import torch, loraplex
@@ -74,8 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, Factorized, check_choice, restoring, root_layer
-from loraplex.adapters.lora import LoRA
+from loraplex.adapter import Adapter, check_choice, restoring, root_layer
 from loraplex.analysis.spectra import numerical_rank
 from loraplex.convert import check_lora_layer, truncate
 from loraplex.inject import NAME_RE, adapter_names, add_trained, bind_options, build, layers
@@ -126,8 +125,8 @@ def check_weights(weights: Any, known: list[str]) -> dict[str, float]:
 
 
 def is_plain_lora(a: Adapter) -> bool:
-    """Whether ``ΔW = s B A`` exactly (LoRA, any init): ``Factorized`` with LoRA's own ``delta_weight``."""
-    return isinstance(a, Factorized) and type(a).delta_weight is LoRA.delta_weight
+    """Whether ``ΔW = s B A`` exactly with one pair (LoRA, any init): ``Adapter.factor_pairs`` declares it."""
+    return len(a.factor_pairs()) == 1
 
 
 def cat_factors(terms: list[tuple[float, Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
@@ -164,9 +163,9 @@ def linear_factors(terms: list[tuple[float, Tensor, Tensor, float]]) -> tuple[Te
 
 
 def factors(a: Adapter) -> tuple[Tensor, Tensor, float]:
-    """``(A (r, in), B (out, r), s)`` of a ``Factorized`` adapter."""
-    assert isinstance(a, Factorized)
-    return a.A.detach(), a.B.detach(), float(a.scale)
+    """``(A (r, in), B (out, r), s)`` of an adapter with one factor pair (``is_plain_lora``)."""
+    ((A, B, s),) = a.factor_pairs()
+    return A.detach(), B.detach(), float(s)
 
 
 def relative_error(approx: Tensor, target: Tensor) -> float:
@@ -179,9 +178,10 @@ def relative_error(approx: Tensor, target: Tensor) -> float:
 
 
 def source_rank(a: Adapter) -> int:
-    """A source's rank for the svd default: ``A.shape[0]`` for ``Factorized`` adapters, else ``rank(ΔW)`` (>= 1)."""
-    if isinstance(a, Factorized):
-        return int(a.A.shape[0])
+    """A source's rank for the svd default: ``Σ A.shape[0]`` over the ``Adapter.product_pairs`` of LoRA-family
+    sources (LoRA, DoRA, BoRA), else ``rank(ΔW)`` (>= 1)."""
+    if pairs := a.product_pairs():
+        return sum(int(A.shape[0]) for A, _, _ in pairs)
     return max(1, numerical_rank(a.matrix(a.delta_weight().detach())))
 
 
@@ -281,9 +281,9 @@ def combine(
         k = int(A.shape[0])
         with restoring():  # no init: the factors are copied in
             lora = build("lora", top, bind_options("lora", {"rank": k, "alpha": float(k)}), name, where)
-        assert isinstance(lora, LoRA)
-        lora.A.copy_(A)
-        lora.B.copy_(B)
+        ((lora_A, lora_B, _),) = lora.factor_pairs()
+        lora_A.copy_(A)
+        lora_B.copy_(B)
         lora.active = False
         model.set_submodule(where, lora)
     add_trained(model, [])  # refreeze: the new factors train, everything else as before

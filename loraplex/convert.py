@@ -253,9 +253,9 @@ def to_lora(model: nn.Module, rank: int | None = None, energy: float | None = No
             k = A.shape[0]
             with restoring():  # no init: the factors are copied in
                 lora = build("lora", layer, bind_options("lora", {"rank": k, "alpha": float(k)}), a.name, n)
-            assert isinstance(lora, LoRA)
-            lora.A.copy_(A)
-            lora.B.copy_(B)
+            ((lora_A, lora_B, _),) = lora.factor_pairs()
+            lora_A.copy_(A)
+            lora_B.copy_(B)
             lora.active = a.active
             done.append(LayerConversion(n, a.name, a.method, a.in_features, a.out_features, k, delta_rank, error))
             layer = lora

@@ -248,12 +248,27 @@ def named(model: nn.Module, name: str) -> dict[str, Adapter]:
     return found
 
 
-def paddable(a: Adapter) -> bool:
-    """Whether zero-padding the rank keeps the output: LoRA, DoRA, BoRA (``s · B A`` is all they use of A and B).
+def rank_factors(a: Adapter) -> tuple[str, str] | None:
+    """The attribute names of ``(A, B)`` when zero-padding the rank keeps the output, else None.
 
-    PiSSA / OLoRA inits are excluded: their residual ``W0 - s B0 A0`` lives in the base weight.
+    That is: one ``Adapter.product_pairs`` pair (``s · B A`` is all the adapter uses of A and B: LoRA,
+    DoRA, BoRA), a ``rank`` / ``alpha`` scale (``lora_scale``), and no PiSSA / OLoRA init (whose residual
+    ``W0 - s B0 A0`` lives in the base weight).
     """
-    return isinstance(a, LoRA) and a.A0 is None
+    pairs = a.product_pairs()
+    if len(pairs) != 1 or getattr(a, "A0", None) is not None or not {"rank", "alpha"} <= set(a.options):
+        return None
+    names = {id(p): n for n, p in a.own_parameters()}
+    A, B, _ = pairs[0]
+    keys = names.get(id(A)), names.get(id(B))
+    if keys[0] is None or keys[1] is None or "." in keys[0] + keys[1]:
+        return None
+    return keys[0], keys[1]
+
+
+def paddable(a: Adapter) -> bool:
+    """Whether zero-padding the rank keeps the output (``rank_factors``): LoRA, DoRA, BoRA without PiSSA / OLoRA."""
+    return rank_factors(a) is not None
 
 
 def pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -293,17 +308,19 @@ def prepare_hotswap(model: nn.Module, max_rank: int, *, name: str = "default") -
                 "dora and bora adapters without a PiSSA / OLoRA init have a rank to pad"
             )
     for layer, a in found.items():
-        assert isinstance(a, LoRA)
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < a.A.shape[0]:
-            raise ValueError(f"max_rank={max_rank!r} must be an integer >= the rank {a.A.shape[0]} of layer {layer!r}")
+        r = a.product_pairs()[0][0].shape[0]
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < r:
+            raise ValueError(f"max_rank={max_rank!r} must be an integer >= the rank {r} of layer {layer!r}")
     for a in found.values():
-        assert isinstance(a, LoRA)
-        A, B = pad_rank(a.A.detach(), a.B.detach(), max_rank)
-        a.A = nn.Parameter(A, requires_grad=a.A.requires_grad)
-        a.B = nn.Parameter(B, requires_grad=a.B.requires_grad)
+        keys = rank_factors(a)
+        assert keys is not None
+        ((old_A, old_B, scale),) = a.product_pairs()
+        A, B = pad_rank(old_A.detach(), old_B.detach(), max_rank)
+        setattr(a, keys[0], nn.Parameter(A, requires_grad=old_A.requires_grad))
+        setattr(a, keys[1], nn.Parameter(B, requires_grad=old_B.requires_grad))
         rslora = bool(a.options.get("rslora", False))
-        a.rank = max_rank
-        a.options = {**a.options, "rank": max_rank, "alpha": a.scale * (math.sqrt(max_rank) if rslora else max_rank)}
+        a.rank = max_rank  # type: ignore[assignment]  # LoRA, DoRA, BoRA keep their rank as an int
+        a.options = {**a.options, "rank": max_rank, "alpha": scale * (math.sqrt(max_rank) if rslora else max_rank)}
     return model
 
 
@@ -350,7 +367,8 @@ def swap_plan(
         raise ValueError(
             f"{where}: layer {layer!r} holds tensors {sorted(tensors)}, the model's adapter {sorted(mine)}"
         )
-    free = INFERENCE_NEUTRAL | (SCALE_OPTIONS if paddable(a) else frozenset())
+    keys = rank_factors(a)
+    free = INFERENCE_NEUTRAL | (SCALE_OPTIONS if keys else frozenset())
     for key in sorted(set(options) | set(a.options)):
         if key not in free and options.get(key) != a.options.get(key):
             raise ValueError(
@@ -361,7 +379,7 @@ def swap_plan(
     out = {}
     for key, t in tensors.items():
         want = mine[key]
-        rank_dim = {"A": 0, "B": 1}.get(key) if paddable(a) else None
+        rank_dim = {keys[0]: 0, keys[1]: 1}.get(key) if keys else None
         fits = t.ndim == want.ndim and all(
             t.shape[d] <= want.shape[d] if d == rank_dim else t.shape[d] == want.shape[d] for d in range(t.ndim)
         )
@@ -372,20 +390,21 @@ def swap_plan(
                 f"model's adapter {tuple(want.shape)} and {want.dtype}{hint}"
             )
         out[key] = t
-    if paddable(a):
-        assert isinstance(a, LoRA)
+    if keys:
+        key_A, key_B = keys
+        s_old = a.product_pairs()[0][2]
         rank = options["rank"]
-        if out["A"].shape[0] != rank or out["B"].shape[1] != rank:
+        if out[key_A].shape[0] != rank or out[key_B].shape[1] != rank:
             raise ValueError(
-                f"{where}: layer {layer!r}: A {tuple(out['A'].shape)} and B {tuple(out['B'].shape)} do not have the "
-                f"saved rank={rank}"
+                f"{where}: layer {layer!r}: A {tuple(out[key_A].shape)} and B {tuple(out[key_B].shape)} do not have "
+                f"the saved rank={rank}"
             )
-        s_new = lora_scale(rank, options["alpha"], options["rslora"])
-        if a.scale == 0 and s_new != 0:
+        s_new = lora_scale(rank, options["alpha"], options.get("rslora", False))
+        if s_old == 0 and s_new != 0:
             raise ValueError(
                 f"layer {layer!r}: the model's adapter has scale 0, so a scale of {s_new} cannot be folded"
             )
-        out["B"] = out["B"] * (s_new / a.scale if a.scale != 0 else 0.0)
+        out[key_B] = out[key_B] * (s_new / s_old if s_old != 0 else 0.0)
     return out
 
 

@@ -138,8 +138,8 @@ def _lora_pro(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfi
         raise ValueError("optimizer 'lora-pro' needs whole A, B factors: not with --fsdp")
     if len(groups) > 1:
         raise ValueError("optimizer 'lora-pro' sets its own parameter groups: drop head_lr")
-    if unknown := sorted(set(cfg.optimizer_options) - {"mode", "ridge"}):
-        raise ValueError(f"optimizer 'lora-pro' takes the options 'mode', 'ridge', not {unknown}")
+    if unknown := sorted(set(cfg.optimizer_options) - {"mode", "ridge", "others"}):
+        raise ValueError(f"optimizer 'lora-pro' takes the options 'mode', 'ridge', 'others', not {unknown}")
     return LoRAPro(model, lr=groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
 
 

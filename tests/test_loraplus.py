@@ -53,7 +53,48 @@ def test_every_trainable_tensor_in_exactly_one_group() -> None:
     groups = lora_plus(model, lr=1e-3, weight_decay=0.1)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
-    assert all(g["weight_decay"] == 0.1 for g in groups)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.1), (16e-3, 0.1), (16e-3, 0.0)]
+    assert groups[2]["params"] == [model.classifier.bias]  # biases: no decay, as PEFT
+
+
+def peft_twin(ours_name: str, ours: torch.nn.Module) -> str:
+    """PEFT's name of one of our trainable parameters (an adapter's A / B / m, or a module_to_save's)."""
+    module, leaf = ours_name.rsplit(".", 1)
+    if isinstance(ours.get_submodule(module), loraplex.Adapter):
+        key = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}[leaf]
+        return f"base_model.model.{module}.{key}.default.weight"
+    return f"base_model.model.{module}.modules_to_save.default.{leaf}"
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_weight_decay_groups_match_peft(method: str, tmp_path) -> None:
+    """Issue 18: biases and LayerNorm parameters get no weight decay, as PEFT's create_loraplus_optimizer.
+
+    Every trainable tensor gets PEFT's (lr, weight_decay): a block with two LayerNorms, a fully trained
+    linear (weight and bias) and a trained head, adapters on the attention projections.
+    """
+    base = MODELS[1].make()
+    train = ["norm1", "norm2", "up", "classifier"]
+    ours = loraplex.adapt(copy.deepcopy(base), method, targets=["query", "value"], rank=2, train=train)
+    theirs = export_to_peft(ours, base, tmp_path / "peft")
+    for n, p in theirs.named_parameters():  # PEFT loads inference-mode; trainable as ours
+        p.requires_grad_("lora_" in n or "modules_to_save" in n)
+    opt = create_loraplus_optimizer(
+        theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8.0, loraplus_weight_decay=0.05
+    )
+    peft_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    names = dict(theirs.named_parameters())
+    ours_of = {
+        id(p): (g["lr"], g["weight_decay"])
+        for g in lora_plus(ours, lr=1e-3, ratio=8.0, weight_decay=0.05)
+        for p in g["params"]
+    }
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(trained) == len(peft_of) == 2 * (2 if method == "lora" else 3) + 2 * 2 + 2 + 2
+    for n, p in trained:
+        assert ours_of[id(p)] == peft_of[id(names[peft_twin(n, ours)])], n
+    assert ours_of[id(ours.norm1.weight)] == ours_of[id(ours.up.bias)] == (8e-3, 0.0)
+    assert ours_of[id(ours.up.weight)] == (1e-3, 0.05)
 
 
 @pytest.mark.parametrize(

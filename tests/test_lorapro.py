@@ -209,18 +209,36 @@ def test_head_follows_adamw(mode: str) -> None:
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
-def test_dora_and_stacked_groups() -> None:
-    """DoRA's low-rank part is adjusted, its magnitude gets AdamW; the optimizer steps without error."""
+def test_dora_is_refused_or_left_to_adamw() -> None:
+    """DoRA's ΔW is not s B A (no factor pairs): refused by default; others="adamw" steps all of it by AdamW."""
     torch.manual_seed(0)
     model = loraplex.adapt(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)), "dora", targets=["0"], rank=2)
-    opt = LoRAPro(model, mode="low")
-    dora = loraplex.adapters(model)[0][1]
-    assert opt.param_groups[0]["params"] == [dora.A, dora.B] and opt.param_groups[0]["pair"]
-    assert any(p is dora.m for p in opt.param_groups[1]["params"])
+    with pytest.raises(ValueError, match=r"layer '0' \(dora\) has no factor pairs"):
+        LoRAPro(model, mode="low")
+    model = loraplex.adapt(model, "lora", targets=["1"], rank=2)
+    opt = LoRAPro(model, mode="low", others="adamw")
+    dora, lora = (a for _, a in loraplex.adapters(model))
+    assert [g["pair"] for g in opt.param_groups] == [True, False]
+    assert opt.param_groups[0]["params"] == [lora.A, lora.B]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(dora.A), id(dora.B), id(dora.m)}
     model(torch.randn(4, 6)).sum().backward()
     before = dora.B.detach().clone()
     opt.step()
     assert not torch.equal(before, dora.B)
+    with pytest.raises(ValueError, match="others='sgd' must be one of 'refuse', 'adamw'"):
+        LoRAPro(model, others="sgd")
+
+
+def test_stacked_groups() -> None:
+    """Stacked LoRAs on one layer: one pair group each."""
+    torch.manual_seed(0)
+    model = loraplex.adapt(nn.Sequential(nn.Linear(6, 5)), "lora", rank=2, name="a")
+    model = loraplex.adapt(model, "lora", rank=3, name="b")
+    opt = LoRAPro(model, mode="low")
+    pairs = [(a.A, a.B) for _, a in loraplex.adapters(model)]
+    assert [tuple(g["params"]) for g in opt.param_groups] == pairs and len(pairs) == 2
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
 
 
 def test_no_factorized_adapter() -> None:

@@ -144,6 +144,14 @@ class BoRA(LoRA):
         out = z.to(x.dtype)
         return out if self.bias is None else out + self.bias
 
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """None: BoRA: row and column magnitudes rescale ``W + s B A`` is not ``s B A``."""
+        return []
+
+    def product_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A, B, scale)]``: A and B enter only through ``s B A`` (LoRA+'s fast ``B``, hot-swap padding)."""
+        return [(self.A, self.B, float(self.scale))]
+
     def delta_weight(self) -> Tensor:
         W = self.weight.to(self.A.dtype)
         V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)

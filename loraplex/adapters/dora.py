@@ -140,6 +140,14 @@ class DoRA(LoRA):
             return F.linear(x, self.weight)
         return self.apply_weight(x, self.root_weight)
 
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """None: DoRA: ``m ⊙ (W + s B A) / ‖W + s B A‖ − W`` is not ``s B A``."""
+        return []
+
+    def product_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A, B, scale)]``: A and B enter only through ``s B A`` (LoRA+'s fast ``B``, hot-swap padding)."""
+        return [(self.A, self.B, float(self.scale))]
+
     def delta_weight(self) -> Tensor:
         W = self.weight.to(self.A.dtype)
         V = torch.addmm(W, self.B, self.A, alpha=self.scale)  # (out, in)

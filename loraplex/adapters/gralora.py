@@ -103,10 +103,11 @@ class GraLoRA(Adapter):
     of rank ``rank + hybrid_rank``, for a ΔW of rank up to ``k rank + hybrid_rank``. B = 0 at init.
 
     Parameters are in PEFT's layouts and named ``blocks_*`` / ``hybrid_*``, not ``A`` / ``B``: GraLoRA
-    is not a :class:`~loraplex.adapter.Factorized` LoRA. The hybrid part draws its own dropout mask,
-    as PEFT. Forward + backward of one layer, N = 2048 tokens, one CPU thread (process time): 0.58-0.90x
-    PEFT's time (medians; 384 x 384, 384 x 1536, 1536 x 384; r 8, 32; k 2, 4), 0.57-0.63x with
-    hybrid_rank = 4; peak memory above the frozen layer's 1-4 MiB where PEFT's is 7-34 MiB.
+    is not one LoRA, so it declares no ``factor_pairs``, but its grid (and hybrid pair) as ``factor_blocks``.
+    The hybrid part draws its own dropout mask, as PEFT. Forward + backward of one layer, N = 2048 tokens,
+    one CPU thread (process time): 0.58-0.90x PEFT's time (medians; 384 x 384, 384 x 1536, 1536 x 384;
+    r 8, 32; k 2, 4), 0.57-0.63x with hybrid_rank = 4; peak memory above the frozen layer's 1-4 MiB where
+    PEFT's is 7-34 MiB.
 
     Shapes: x (..., in) -> (..., out); blocks_A (k, in / k, r); blocks_B (k, r, out / k);
     hybrid_A (h, in) and hybrid_B (out, h), or None when ``hybrid_rank`` is 0.
@@ -207,6 +208,13 @@ class GraLoRA(Adapter):
         if Ah is not None and Bh is not None:
             delta = delta + s * F.linear(F.linear(self.dropout(x).to(A.dtype), Ah), Bh)
         return y + delta.to(y.dtype)
+
+    def factor_blocks(self) -> list[tuple[nn.Parameter, nn.Parameter, float, int]]:
+        """The grid ``(blocks_A, blocks_B, s, k)`` (update ``s · block_delta``), then the hybrid pair, if any."""
+        out = [(self.blocks_A, self.blocks_B, float(self.scale), self.k)]
+        if self.hybrid_A is not None and self.hybrid_B is not None:
+            out.append((self.hybrid_A, self.hybrid_B, float(self.scale), 0))
+        return out
 
     def delta_weight(self) -> Tensor:
         dW = block_delta(self.blocks_A, self.blocks_B)  # (out, in)

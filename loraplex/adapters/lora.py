@@ -294,5 +294,9 @@ class LoRA(Adapter):
             return y + self.lowrank(x, self.A0, self.B0).to(y.dtype)  # type: ignore[arg-type]
         return y + self.lowrank(self.dropout(x), self.A, self.B).to(y.dtype)
 
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """``[(A, B, scale)]``: ``ΔW = s B A`` exactly (any init). Subclasses that rescale (DoRA, BoRA) override."""
+        return [(self.A, self.B, float(self.scale))]
+
     def delta_weight(self) -> Tensor:
         return self.layout(self.scale * (self.B @ self.A))  # (out, in); the layer's layout (Adapter.layout)

@@ -25,6 +25,14 @@ Decisions (where the reference is unclear or wrong):
   equation by the eigendecompositions of the symmetric PSD ``BᵀB`` and ``AAᵀ`` (real ``eigh``, the reference uses a
   complex ``eig``), eigenvalues clamped at 0, denominators ``p_i + q_j + ridge``. All r x r algebra in float64 on
   CPU and fp32 on GPU (never bf16); the (out, in) products in the factors' dtype, at least fp32.
+* Which adapters: those that declare ``Adapter.factor_blocks`` (``ΔW = Σ s B A`` exactly: LoRA with any
+  init, GoRA's LoRA, GraLoRA's grid and hybrid pair), never guessed from attribute names. By default
+  (``others="refuse"``) any other adapter that trains is a ``ValueError`` naming its layer and method:
+  DoRA / BoRA (``ΔW`` rescaled by magnitudes), Kronecker (``s kron(B, A)``), ARD-LoRA (``B diag(m) A``),
+  AdaLoRA, ... have parameters called A and B, but LoRA-Pro's formula does not describe them, and
+  stepping them as if it did was silently wrong (Kronecker) or crashed on a shape (``ardlora heads=2``).
+  ``others="adamw"`` steps such adapters with plain AdamW (not LoRA-Pro) alongside. Non-adapter
+  parameters (a classifier head) always go to AdamW.
 * Stacked factorized adapters on one layer are adjusted pair by pair (each pair's own best step).
 * GraLoRA is supported: its k x k blocks are LoRAs ``s B_ij A_ij`` (one scale) on disjoint slices of its
   parameters (:func:`split_blocks`), adjusted block by block, which is exact (the problem separates). Its
@@ -42,11 +50,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from loraplex.adapter import Factorized, check_choice, check_nonnegative
-from loraplex.adapters.gralora import GraLoRA
+from loraplex.adapter import check_choice, check_nonnegative
 from loraplex.inject import adapters
 
 MODES = ("full", "low")
+OTHERS = ("refuse", "adamw")
 
 
 def _solve_dtype(t: Tensor) -> torch.dtype:
@@ -123,20 +131,25 @@ def adjusted_grads(
     return new_A.to(out), new_B.to(out)
 
 
-def _pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, float, int]]:
-    """``(A, B, scale, k)`` of every factorized adapter of ``model`` whose factors both train.
+def _pairs(model: nn.Module, others: str = "refuse") -> list[tuple[nn.Parameter, nn.Parameter, float, int]]:
+    """``(A, B, scale, k)`` of every adapter term of ``model`` (``Adapter.factor_blocks``) whose factors both train.
 
-    ``k = 0`` for a ``Factorized`` adapter (A (r, in), B (out, r)); ``k`` for a GraLoRA grid (blocks_A
-    (k, in / k, r), blocks_B (k, r, out / k)), whose hybrid LoRA, if any, is one more pair with ``k = 0``.
+    ``k = 0`` for a pair of ``factor_pairs`` (A (r, in), B (out, r), ``ΔW = s B A``); ``k`` for a GraLoRA grid
+    (blocks_A (k, in / k, r), blocks_B (k, r, out / k)), whose hybrid LoRA, if any, is one more pair with ``k = 0``.
+    An adapter with trainable parameters that declares no such terms (DoRA, Kronecker, ARD-LoRA, ...) is a
+    ``ValueError`` naming its layer and method (``others="refuse"``), or left to AdamW (``others="adamw"``).
+    A declaring adapter whose A or B is frozen is left to AdamW (its trainable factor, if any).
     """
-    out = []
-    for _, a in adapters(model):
-        if isinstance(a, Factorized) and a.A.requires_grad and a.B.requires_grad:
-            out.append((a.A, a.B, float(a.scale), 0))
-        elif isinstance(a, GraLoRA) and a.blocks_A.requires_grad and a.blocks_B.requires_grad:
-            out.append((a.blocks_A, a.blocks_B, float(a.scale), a.k))
-            if a.hybrid_A is not None and a.hybrid_B is not None and a.hybrid_A.requires_grad:
-                out.append((a.hybrid_A, a.hybrid_B, float(a.scale), 0))
+    out: list[tuple[nn.Parameter, nn.Parameter, float, int]] = []
+    for layer, a in adapters(model):
+        terms = a.factor_blocks()
+        if not terms and others == "refuse" and any(p.requires_grad for _, p in a.own_parameters()):
+            raise ValueError(
+                f"LoRAPro: layer {layer!r} ({a.method}) has no factor pairs (ΔW is not s·B@A); LoRA-Pro's "
+                "adjustment holds only for adapters with ΔW = Σ s·B@A (lora and its inits, gralora). Pass "
+                "others='adamw' to step such adapters with plain AdamW instead"
+            )
+        out.extend((A, B, float(s), k) for A, B, s, k in terms if A.requires_grad and B.requires_grad)
     return out
 
 
@@ -160,12 +173,12 @@ def split_blocks(A: Tensor, B: Tensor, k: int) -> list[tuple[Tensor, Tensor, sli
 
 
 class LoRAPro(torch.optim.Optimizer):
-    """LoRA-Pro (https://arxiv.org/abs/2407.18242) for every ``Factorized`` adapter of ``model``; AdamW elsewhere.
+    """LoRA-Pro (https://arxiv.org/abs/2407.18242) for every factorised adapter of ``model``; AdamW elsewhere.
 
     Param groups: one per adapter, ``[A, B]`` with its ``scale`` and ``k`` (GraLoRA's grid size, 0 for a plain
-    pair; adjusted together), then one group (``pair`` False) with every
-    other trainable parameter (classifier head, DoRA magnitudes, non-factorized adapters) stepped by torch's AdamW
-    with the same hyper-parameters. Groups' ``lr`` / ``weight_decay`` may be changed afterwards (schedulers work).
+    pair; adjusted together), then one group (``pair`` False) with every other trainable parameter (classifier
+    head; with ``others="adamw"``, adapters without factor pairs) stepped by torch's AdamW with the same
+    hyper-parameters. Groups' ``lr`` / ``weight_decay`` may be changed afterwards (schedulers work).
 
     ``mode="full"`` is the paper's AdamW variant (methods.md steps 1-5), per layer and step:
     (1) ``g̃`` = equivalent gradient of the adjusted raw gradients; (2) Adam moments on the full (out, in) ``g̃``
@@ -184,12 +197,15 @@ class LoRAPro(torch.optim.Optimizer):
     FSDP is not supported: its sharded flat parameters do not hold whole A and B factors.
 
     Args:
-        model: the adapted model; a ``ValueError`` if it has no trainable factorized adapter.
+        model: the adapted model; a ``ValueError`` if it has no trainable factorised adapter (one that declares
+            ``Adapter.factor_blocks``), or, with ``others="refuse"``, a trainable adapter that declares none.
         lr: learning rate (the paper: 2e-5 with SGD on the adjusted gradients, i.e. this full mode).
         betas, eps: Adam's (the paper: 0.9, 0.999, 1e-8).
         weight_decay: decoupled weight decay (the paper: 0).
         mode: ``"full"`` or ``"low"``.
         ridge: added to the Gram matrices before inverting, and to the Sylvester denominators (reference: 1e-8).
+        others: ``"refuse"`` (default) or ``"adamw"``: what to do with a trainable adapter whose ``ΔW`` is not
+            ``Σ s B A`` (see the module docstring).
 
     Example:
         >>> import loraplex
@@ -210,6 +226,7 @@ class LoRAPro(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         mode: str = "full",
         ridge: float = 1e-8,
+        others: str = "refuse",
     ) -> None:
         check_choice("mode", mode, MODES)
         check_nonnegative("lr", lr)
@@ -221,11 +238,12 @@ class LoRAPro(torch.optim.Optimizer):
             raise ValueError(f"eps={eps!r} must be a finite number > 0 (it keeps m / (sqrt(v) + eps) finite)")
         check_nonnegative("weight_decay", weight_decay)
         check_nonnegative("ridge", ridge)
-        pairs = _pairs(model)
+        check_choice("others", others, OTHERS)
+        pairs = _pairs(model, others)
         if not pairs:
             raise ValueError(
-                "LoRA-Pro needs at least one trainable factorized adapter (LoRA, rsLoRA, DoRA, GoRA, GraLoRA); "
-                "the model has none"
+                "LoRA-Pro needs at least one trainable factorized adapter (one with factor pairs, ΔW = Σ s·B@A: "
+                "LoRA, rsLoRA, PiSSA / OLoRA, GoRA, GraLoRA); the model has none"
             )
         taken = {id(p) for A, B, _, _ in pairs for p in (A, B)}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]

@@ -43,7 +43,6 @@ from loraplex.adapter import (
     root_layer,
     weight_of,
 )
-from loraplex.adapters.lora import LoRA
 from loraplex.inject import Targets, adapt, layers, resolve
 
 IMPORTANCES = (
@@ -297,16 +296,17 @@ def gora_init(
             if r == 0:
                 continue
             lora = found[n]
-            assert isinstance(lora, LoRA)
+            assert isinstance(lora, Adapter)
+            ((lora_A, lora_B, s),) = lora.factor_pairs()  # GoRA's adapters are LoRAs: ΔW = s B A
             r_s = r if dynamic_scaling else rank
             coef = (
                 lr_g * math.sqrt(lora.in_features / r) if scale_by_lr else stable_gamma / (r_s**0.5 if rslora else r_s)
             )
             A = torch.empty(r, lora.in_features)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)  # LoRA's default, seeded
-            A = A.to(lora.A.device)
-            lora.A.copy_(A)
-            lora.B.copy_(compress(G.pop(n), A, coef / lora.scale))
+            A = A.to(lora_A.device)
+            lora_A.copy_(A)
+            lora_B.copy_(compress(G.pop(n), A, coef / s))
     return model
 
 
