@@ -29,8 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from loraplex.adapter import check_fraction
+from loraplex.analysis.spectra import energy_rank
 
 DENSE = -1  # the "rank" of a layer left as it is
 EXACT_LIMIT = 2 * 10**8  # cells of the dynamic-programming table (budget units x options) solved exactly
@@ -67,22 +69,17 @@ class LayerSpectrum:
         return self.dense_params if rank == DENSE else rank * (self.in_features + self.out_features)
 
 
-def energy_rank(energies: np.ndarray, energy: float) -> int:
-    """Smallest ``k`` whose leading energies reach the fraction ``energy`` of the total (1 for a zero layer)."""
-    e = np.clip(np.asarray(energies, dtype=np.float64), 0.0, None)
-    total = e.sum()
-    if total <= 0:
-        return 1
-    kept = np.cumsum(e) / total
-    return min(len(e), int(np.searchsorted(kept, energy * (1 - 1e-12))) + 1)
-
-
 def by_energy(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
-    """Each layer's energy rank, or ``DENSE`` where that rank saves no parameters."""
+    """Each layer's energy rank, or ``DENSE`` where that rank saves no parameters.
+
+    The energy rank is :func:`loraplex.analysis.spectra.energy_rank` of the spectrum ``sqrt(energies)``,
+    at least 1 (a zero layer keeps one component).
+    """
     check_fraction("energy", energy)
     out = {}
     for s in layers:
-        k = energy_rank(s.energies, energy)
+        e = np.clip(np.asarray(s.energies, dtype=np.float64), 0.0, None)
+        k = max(1, energy_rank(torch.from_numpy(np.sqrt(e)), energy))
         out[s.name] = k if k <= s.max_rank else DENSE
     return out
 
