@@ -326,6 +326,13 @@ def test_grown_ranks_take_adams_first_steps_not_5x_lr(kind: str) -> None:
                     fresh.append(step)
     assert max(fresh) <= 1.001 * lr  # the first step of a grown slice: lr · |g| / sqrt(g² + ...) <= lr
     assert worst <= 1.05 * lr, f"grown slices stepped {worst / lr:.2f} x lr"
+    state = alloc.state_dict()  # the birth steps travel with the allocator's state, shape-checked on load
+    assert any(bool((v > 0).any()) for d in state["born"].values() for v in d.values())
+    alloc.load_state_dict(state)
+    n = next(iter(state["born"]))
+    state["born"][n]["A"] = torch.zeros(99, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"allocator state 'born' of {n}.A has shape"):
+        alloc.load_state_dict(state)
 
 
 def test_sgd_momentum_is_carried_and_unsupported_state_is_refused() -> None:

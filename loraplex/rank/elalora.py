@@ -383,6 +383,17 @@ class ElaLoRAAllocator(Allocator):
                             f"{tuple(mine.shape)} (load the model saved with this state first)"
                         )
 
+        for n, parts in state.get("born", {}).items():
+            for p, v in parts.items():
+                if n not in self.layers or p not in PARTS:
+                    raise ValueError(f"allocator state 'born' names {n}.{p}, which this model lacks")
+                want = getattr(self.layers[n], p).shape[RANK_DIM[p]]
+                if tuple(v.shape) != (want,):
+                    raise ValueError(
+                        f"allocator state 'born' of {n}.{p} has shape {tuple(v.shape)}, the model's rank is {want} "
+                        "(load the model saved with this state first)"
+                    )
+
         def place(d: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
             out = {}
             for n, parts in d.items():
