@@ -116,6 +116,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "elalora": {"rank": 10, "alpha": 16},  # the reference's scripts (loraplex's defaults)
     "ardlora": {"rank": 8, "alpha": 16},  # LoRA r=8, one rank scale per layer (loraplex's defaults)
     "adapter+circulant": {"structure": "circulant"},  # METHOD+VARIANT: the same method with other options
+    # the official SqueezeBits convention: rank 8 in all, 4 of it hybrid (the grid at 4, s = alpha / 8)
+    "gralora+official": {"rank": 8, "alpha": 16, "k": 2, "hybrid_rank": 4, "convention": "official"},
 }
 
 

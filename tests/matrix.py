@@ -181,6 +181,12 @@ CASES = [
     Case("gralora", {"rank": 2, "alpha": 4, "k": 1, "hybrid_rank": 1}),  # 13 and 29 are prime: k = 1
     Case("gralora", {"rank": 4, "alpha": 8, "k": 2, "hybrid_rank": 2}, models=("mlp", "block"), layer=(12, 20)),
     Case("gralora", {"rank": 8, "alpha": 16, "k": 4, "dropout": 0.1}, models=("block",), layer=(16, 40)),
+    Case(
+        "gralora",
+        {"rank": 6, "alpha": 8, "k": 2, "hybrid_rank": 2, "convention": "official"},
+        models=("mlp",),
+        layer=(12, 20),
+    ),  # fmt: skip
     Case("c3a", {"block_size": 1}, identity=False),  # xavier init (PEFT's default) is not the base
     Case("c3a", {"block_size": 2, "init": "zeros"}, models=("mlp",), layer=(12, 20)),
     Case("c3a", {"block_size": 8, "init": "gaussian"}, identity=False, models=("block",), layer=(16, 40)),

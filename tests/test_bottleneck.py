@@ -222,3 +222,22 @@ def test_option_errors() -> None:
             Bottleneck(layer, **options)
     with pytest.raises(ValueError, match="layer 'fc1' .*factor=3 must divide out_features=20"):
         loraplex.adapt(MODELS[0].make(), "adapter", structure="kronecker", factor=3)
+
+
+def test_circulant_product_false_keeps_the_output_bias_a_documented_departure() -> None:
+    # issue 18: the reference's CirculantLayer drops circulant_bias when use_prod=False; we keep out_bias
+    torch.manual_seed(0)
+    layer = Bottleneck(nn.Linear(8, 8), structure="circulant", product=False)
+    with torch.no_grad():
+        layer.a.normal_()
+        layer.out_bias.normal_()
+    x = torch.randn(3, 8)
+    h = layer.base(x)
+    c = torch.stack([torch.roll(layer.a, i) for i in range(8)], dim=1)  # C(a)[i, j] = a[(i - j) mod 8]
+    want = h + F.gelu(h @ c.T) + layer.out_bias
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    layer(x).sum().backward()
+    assert layer.out_bias.grad is not None and layer.out_bias.grad.abs().min() > 0
+    assert Bottleneck.num_params(8, 8, structure="circulant", product=False) == 16
+    doc = Bottleneck.__doc__ or ""
+    assert "Departure (our decision, issue 18)" in doc and "no output bias in its" in doc

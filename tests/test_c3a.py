@@ -114,6 +114,76 @@ def test_same_kernel_same_outputs_gradients_and_delta_as_peft(d_in: int, d_out: 
     torch.testing.assert_close(ours.delta_weight(), want, rtol=1e-5, atol=1e-6)
 
 
+# 2b. The input gradient: ours is dense autograd's; PEFT 0.21.2's is not (issue 18, item 6) ----------
+
+
+def dense_reference_x_grad(ours: C3A, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """The x-gradient of ``x @ (W + delta_weight()).T + b`` by plain autograd (no FFT, no custom node)."""
+    x = x.detach().requires_grad_(True)
+    W = ours.base.weight.detach() + ours.delta_weight().detach()
+    y = x @ W.T + ours.base.bias.detach()
+    (g,) = torch.autograd.grad(y, x, gy)
+    return g
+
+
+@pytest.mark.parametrize(("d_in", "d_out", "b"), [(12, 20, 4), (20, 18, 2), (15, 9, 3), (64, 32, 16)])
+def test_x_gradient_equals_dense_autograd_in_fp64(d_in: int, d_out: int, b: int) -> None:
+    torch.manual_seed(0)
+    ours = C3A(nn.Linear(d_in, d_out).double(), block_size=b, init="gaussian").double()
+    for rows in (3, 4 * max(d_in, d_out) + 1):  # the FFT path and the merged-weight node
+        x = torch.randn(rows, d_in, dtype=torch.float64, requires_grad=True)
+        gy = torch.randn(rows, d_out, dtype=torch.float64)
+        (got,) = torch.autograd.grad(ours(x), x, gy)
+        torch.testing.assert_close(got, dense_reference_x_grad(ours, x, gy), rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_of_our_layer() -> None:
+    torch.manual_seed(0)
+    ours = C3A(nn.Linear(12, 8).double(), block_size=4, init="gaussian").double()
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    kernel = ours.kernel.detach().clone().requires_grad_(True)
+
+    def f(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(ours, {"kernel": kernel}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, kernel))
+    x_many = torch.randn(4 * 12 + 1, 12, dtype=torch.float64, requires_grad=True)  # the merged-weight node too
+    assert torch.autograd.gradcheck(f, (x_many, kernel))
+
+
+def test_peft_c3a_x_gradient_is_wrong_upstream_bug() -> None:
+    """DOCUMENTS AN UPSTREAM BUG, not a requirement: PEFT 0.21.2's ``BlockCircularConvolution.backward``
+    returns a wrong input gradient (its outputs and kernel gradients are right, test above); ours is
+    right (the two tests above), so training through a C3A layer does not match PEFT (C3A's docstring).
+    If PEFT fixes it this test fails: then drop it and the docstring's statement."""
+    try:
+        from peft.tuners.c3a.utils import BlockCircularConvolution
+    except ImportError:
+        pytest.skip("PEFT's C3A does not import")
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 20).double()
+    ours = C3A(copy.deepcopy(layer), block_size=4, init="gaussian").double()
+    theirs = peft_c3a(layer, ours).double()
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-6)  # the forward agrees (PEFT: fp32 inside)
+    want = dense_reference_x_grad(ours, x, gy)
+    (peft_gx,) = torch.autograd.grad(theirs(x), x, gy)
+    rel = float((peft_gx - want).norm() / want.norm())
+    assert rel > 0.1, f"PEFT's C3A x-gradient is now within {rel:.2e} of dense autograd: the upstream bug is fixed?"
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    xs = torch.randn(5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    assert not torch.autograd.gradcheck(
+        lambda x, w: BlockCircularConvolution.apply(x, w), (xs, w), raise_exception=False
+    )
+
+
+def test_c3a_docs_say_training_does_not_match_peft() -> None:
+    doc = " ".join((C3A.__doc__ or "").split())
+    assert "Training does not match PEFT" in doc and "input gradient" in doc
+
+
 # 3. Checkpoints both ways ------------------------------------------------------------------------
 
 

@@ -149,6 +149,43 @@ def test_ratio_selection_fits_and_is_optimal(ratio: float, seed: int, exact: boo
                 assert err <= total_error(layers, {s.name: k for s in layers}) + 1e-12
 
 
+def test_ratio_minimises_the_sum_of_the_reported_relative_errors() -> None:
+    # issue 18: the solver minimised Σ tail/total (squared relative errors) while plan() reports and the README
+    # promises Σ ||W - Ŵ||_F / ||W||_F. The objective is computed here from the energies, not via the allocator.
+    def rel(s: LayerSpectrum, k: int) -> float:
+        return 0.0 if k == DENSE else float(np.sqrt(s.energies[k:].sum() / s.energies.sum()))
+
+    for seed in range(12):
+        layers = spectra(seed, [(12, 10), (16, 6), (9, 14)])
+        budget = 0.45 * sum(s.dense_params for s in layers)
+        best = np.inf
+        for combo in itertools.product(*[[DENSE, *range(1, s.max_rank + 1)] for s in layers]):
+            if sum(s.params(k) for s, k in zip(layers, combo, strict=True)) <= budget:
+                best = min(best, sum(rel(s, k) for s, k in zip(layers, combo, strict=True)))
+        for limit in (allocate.EXACT_LIMIT, 0):  # the dynamic programme is optimal, the Lagrangian never far off
+            with mock.patch.object(allocate, "EXACT_LIMIT", limit):
+                ranks = by_ratio(layers, 0.45)
+            got = sum(rel(s, ranks[s.name]) for s in layers)
+            if limit:  # the old objective (squares) missed this optimum for 5 of the 12 seeds, by up to 17 %
+                assert got == pytest.approx(best, abs=1e-12)
+            else:
+                assert got <= best * 1.1 + 1e-12
+            assert got == pytest.approx(total_error(layers, ranks), abs=1e-12)
+
+
+def test_plan_reports_the_errors_the_allocator_minimised() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 16), nn.Linear(16, 9))
+    layers = [
+        LayerSpectrum(n, m.in_features, m.out_features, weight_energies(m.weight).numpy())
+        for n, m in model.named_children()
+    ]
+    ranks = by_ratio(layers, 0.5)
+    choices = plan(model, ratio=0.5)
+    assert {c.name: c.rank for c in choices} == ranks
+    assert sum(c.relative_error for c in choices) == pytest.approx(total_error(layers, ranks), rel=1e-6)
+
+
 def test_ratio_below_the_smallest_factorisation_is_a_clear_error() -> None:
     layers = spectra(0, [(12, 10)])
     with pytest.raises(ValueError, match=r"ratio=0.01 keeps .* below the smallest factorisation"):
@@ -255,9 +292,10 @@ def test_save_load_roundtrip_and_no_pickle(tmp_path) -> None:
     x = torch.randn(4, 24)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     spec = json.loads((tmp_path / "compression.json").read_text())
-    spec["layers"]["0"]["rank"] = "2"
+    name = next(iter(spec["layers"]))  # a factorised layer (which ones depends on the allocation)
+    spec["layers"][name]["rank"] = "2"
     (tmp_path / "compression.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="layer '0' has a malformed entry"):
+    with pytest.raises(ValueError, match=f"layer '{name}' has a malformed entry"):
         load_compressed(tmp_path, mlp())
     spec["layers"] = {"9": {"kind": "lowrank", "in": 24, "out": 40, "rank": 2, "bias": True}}
     (tmp_path / "compression.json").write_text(json.dumps(spec))

@@ -285,6 +285,56 @@ def test_adamw_state_is_carried_and_the_next_step_is_adamw(kind: str) -> None:
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "adam-amsgrad"])
+def test_grown_ranks_take_adams_first_steps_not_5x_lr(kind: str) -> None:
+    # issue 18: the grown slices start with zero moments but kept the parameter's step count t, so AdamW's bias
+    # correction (1 - β^t ≈ 1 instead of 1 - β^τ for their τ-th step) made their updates up to 5-6x lr for ~30
+    # steps. Adam's own first bias-corrected steps are about lr (|m̂ / sqrt(v̂)| <= 1 for a steady gradient).
+    model = elalora_block(alpha=64)
+    alloc = ElaLoRAAllocator(model, 200, init_warmup=50, final_warmup=10, mask_interval=1000, reg_orth_coef=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = 2e-2
+    opt = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if kind == "adamw"
+        else torch.optim.Adam(params, lr=lr, amsgrad=True)
+    )
+    train(model, alloc, opt, range(60))
+    for state in opt.state.values():  # as deep into a long run (the bias corrections of the old slices are 1)
+        state["step"].fill_(5000)
+    layers = dict(loraplex.adapters(model))
+    _, grow = plan_changes(alloc.scores(), alloc.k, 4)
+    alloc.reallocate(opt, 4)
+    assert sum(grow) > 0
+    worst, fresh = 0.0, []
+    for s in range(40):  # the same batch each step: a steady gradient, so Adam's fresh steps are ≈ lr
+        snap = {n: {p: getattr(a, p).detach().clone() for p in PARTS} for n, a in layers.items()}
+        loss = model(BLOCK.input(seed=7)).square().mean()
+        loss.backward()
+        opt.step()
+        alloc.step(opt)
+        opt.zero_grad()
+        for (n, a), more in zip(layers.items(), grow, strict=True):
+            if not more:
+                continue
+            r = a.current_rank
+            for p in PARTS:
+                dim = {"A": 0, "E": 0, "B": 1}[p]
+                step = (getattr(a, p).detach() - snap[n][p]).narrow(dim, r - more, more).abs().max().item()
+                worst = max(worst, step)
+                if s == 0:
+                    fresh.append(step)
+    assert max(fresh) <= 1.001 * lr  # the first step of a grown slice: lr · |g| / sqrt(g² + ...) <= lr
+    assert worst <= 1.05 * lr, f"grown slices stepped {worst / lr:.2f} x lr"
+    state = alloc.state_dict()  # the birth steps travel with the allocator's state, shape-checked on load
+    assert any(bool((v > 0).any()) for d in state["born"].values() for v in d.values())
+    alloc.load_state_dict(state)
+    n = next(iter(state["born"]))
+    state["born"][n]["A"] = torch.zeros(99, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"allocator state 'born' of {n}.A has shape"):
+        alloc.load_state_dict(state)
+
+
 def test_sgd_momentum_is_carried_and_unsupported_state_is_refused() -> None:
     model = elalora_block()
     a = dict(loraplex.adapters(model))["up"]

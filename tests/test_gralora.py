@@ -27,9 +27,9 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 def peft_twin(ours: GraLoRA) -> nn.Module:
     """PEFT's GraLoRA layer over a copy of the same base, holding the same parameter values."""
     config = peft.GraloraConfig(
-        r=ours.rank, alpha=ours.alpha, gralora_k=ours.k, hybrid_r=ours.hybrid_rank, fan_in_fan_out=ours.transposed
+        r=ours.grid_rank, alpha=ours.alpha, gralora_k=ours.k, hybrid_r=ours.hybrid_rank, fan_in_fan_out=ours.transposed
     )
-    theirs = PeftGraLoRA(copy.deepcopy(ours.base), "default", "layer", config=config, r=ours.rank)
+    theirs = PeftGraLoRA(copy.deepcopy(ours.base), "default", "layer", config=config, r=ours.grid_rank)
     with torch.no_grad():
         theirs.gralora_A["default"].copy_(ours.blocks_A)
         theirs.gralora_B["default"].copy_(ours.blocks_B)
@@ -118,12 +118,55 @@ def test_conv1d_checkpoints_round_trip(tmp_path) -> None:
     torch.testing.assert_close(back(ids).logits, ours(ids).logits, **TOL)
 
 
+@pytest.mark.parametrize("rank, hybrid", [(8, 4), (6, 2), (4, 0)])
+def test_official_convention_counts_the_hybrid_part_in_rank(rank: int, hybrid: int) -> None:
+    # issue 18: SqueezeBits' GraLoRA counts r as the total rank (grid r - h, s = alpha / r); PEFT's r is the grid's
+    torch.manual_seed(0)
+    official = GraLoRA(nn.Linear(12, 20), rank=rank, alpha=16, k=2, hybrid_rank=hybrid, convention="official")
+    assert official.grid_rank == rank - hybrid and official.blocks_A.shape == (2, 6, rank - hybrid)
+    assert official.scale == 16 / rank  # PEFT's convention at the same rank: 16 / (rank + hybrid)
+    assert GraLoRA(nn.Linear(12, 20), rank=rank, alpha=16, k=2, hybrid_rank=hybrid).scale == 16 / (rank + hybrid)
+    count = sum(p.numel() for _, p in official.own_parameters())
+    assert count == GraLoRA.num_params(12, 20, rank=rank, hybrid_rank=hybrid, convention="official") == rank * 32
+    # the same layer as PEFT's convention at rank - hybrid, and as PEFT's own layer
+    twin = GraLoRA(nn.Linear(12, 20), rank=rank - hybrid, alpha=16, k=2, hybrid_rank=hybrid)
+    perturb_B(official)
+    twin.load_state_dict(official.state_dict())
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(official(x), twin(x), rtol=0, atol=0)
+    torch.testing.assert_close(official(x), peft_twin(official)(x), **TOL)
+    torch.testing.assert_close(official.delta_weight(), peft_twin(official).get_delta_weight("default"), **TOL)
+
+
+def test_official_convention_exports_to_peft_with_peft_r(tmp_path) -> None:
+    spec = MODELS[0]  # fc1 12 -> 20, fc2 20 -> 18
+    base = spec.make()
+    ours = loraplex.adapt(copy.deepcopy(base), "gralora", targets=["fc1", "fc2"], rank=6, alpha=8, k=2,
+                          hybrid_rank=2, convention="official")  # fmt: skip
+    perturb(ours)
+    assert ours.fc1.to_peft()[0]["r"] == 4 and ours.fc1.to_peft()[0]["hybrid_r"] == 2
+    theirs = export_to_peft(ours, base, tmp_path / "ours")
+    x = spec.input()
+    torch.testing.assert_close(theirs(x), ours(x), **TOL)
+    back = import_from_peft(theirs, base, tmp_path / "peft")  # PEFT's convention on the way back: rank 4
+    torch.testing.assert_close(back(x), ours(x), **TOL)
+    assert back.fc1.convention == "peft" and back.fc1.rank == 4 and back.fc1.scale == ours.fc1.scale == 8 / 6
+
+
 @pytest.mark.parametrize(
     "n_in, n_out, options, message",
     [
         (16, 24, {"rank": 6, "k": 3}, "k=3 must divide in_features=16"),
         (12, 20, {"rank": 6, "k": 3}, "k=3 must divide out_features=20"),
         (12, 24, {"rank": 8, "k": 3}, "k=3 must divide rank=8"),
+        (
+            12,
+            24,
+            {"rank": 8, "k": 3, "hybrid_rank": 1, "convention": "official"},
+            "k=3 must divide rank - hybrid_rank=7",
+        ),
+        (12, 24, {"rank": 2, "hybrid_rank": 2, "convention": "official"}, "rank=2 must exceed hybrid_rank=2"),
+        (12, 24, {"convention": "squeezebits"}, "convention='squeezebits' must be one of 'peft', 'official'"),
         (12, 24, {"k": 0}, "k=0 must be an integer >= 1"),
         (12, 24, {"hybrid_rank": -1}, "hybrid_rank=-1 must be an integer >= 0"),
         (12, 24, {"alpha": float("nan")}, "alpha=nan must be a finite number"),

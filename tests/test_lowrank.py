@@ -62,7 +62,7 @@ def mlp(seed: int = 0) -> nn.Sequential:
 def test_energy_rank_matches_brute_force(values: list[float], energy: float) -> None:
     s = np.sort(np.array(values))[::-1]
     if s.sum() == 0:
-        assert energy_rank(torch.tensor(s.copy()), energy) == 1
+        assert energy_rank(torch.tensor(s.copy()), energy) == 0  # the one energy_rank: 0 for a zero matrix
         return
     frac = np.cumsum(s**2) / np.sum(s**2)
     want = next(i + 1 for i in range(len(s)) if frac[i] >= energy - 1e-12)
@@ -214,6 +214,30 @@ def test_stable_rank_matches_numpy(n: int, m: int, seed: int) -> None:
     w = np.random.default_rng(seed).standard_normal((n, m))
     s = np.linalg.svd(w, compute_uv=False)
     assert stable_rank(torch.tensor(w)) == int(np.sum(s**2) / s[0] ** 2)
+
+
+def test_floored_stable_rank_of_an_orthogonal_matrix_is_full() -> None:
+    # issue 18: ‖Q‖_F² / σ_1² computes to 11.99999999999999 (seed 0: ...995); a plain floor gave 11 for 19 of 20
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=g))
+        assert stable_rank(q) == 12
+    assert stable_rank(torch.eye(7)) == 7 and stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0]))) == 1
+
+
+def test_one_stable_rank_and_one_energy_rank() -> None:
+    from loraplex.analysis import spectra
+    from loraplex.compression import allocate
+    from loraplex.lowrank import cuttlefish, trp
+
+    assert energy_rank is spectra.energy_rank and trp.energy_rank is spectra.energy_rank
+    assert cuttlefish.stable_rank is spectra.floored_stable_rank and allocate.energy_rank is spectra.energy_rank
+    for zero in (torch.zeros(4, 3), torch.zeros(3)):  # the zero-matrix convention, once: 0
+        assert energy_rank(zero, 0.9) == 0 and stable_rank(zero) == 0 and spectra.stable_rank(zero) == 0.0
+    # the callers that need one component say so: TRP's truncation and the allocator keep 1
+    assert trp.truncate(torch.zeros(4, 3), 0.9)[2] == 1
+    layer = allocate.LayerSpectrum("z", 3, 4, np.zeros(3))
+    assert allocate.by_energy([layer], 0.9) == {"z": 1}
 
 
 def test_ema_and_detector_by_hand() -> None:

@@ -181,6 +181,7 @@ SPACES: dict[str, dict[str, Opt]] = {
         "k": size(1, 5, fit=lambda i, o: st.sampled_from([d for d in divisors(math.gcd(i, o)) if d <= 4])),
         "hybrid_rank": size(0, 4),
         "dropout": PROB,
+        "convention": choice("peft", "official"),
     },
     "c3a": {"block_size": size(1, 16, fit=common), "init": choice("xavier", "zeros", "kaiming", "gaussian")},
     "miss": {

@@ -92,6 +92,18 @@ def test_inits_are_the_references() -> None:
         assert all(p.dtype == torch.float32 for _, p in a.own_parameters())
 
 
+def test_circulant_lora_product_false_keeps_the_base_bias_as_the_reference() -> None:
+    # issue 18: the reference's circulant LoRA adds F.linear(x, W, bias) in both use_prod branches
+    torch.manual_seed(0)
+    c = Circulant(nn.Linear(8, 8), product=False, alpha=0.5)
+    with torch.no_grad():
+        c.a.normal_()
+    x = torch.randn(3, 8)
+    C = torch.stack([torch.roll(c.a, i) for i in range(8)], dim=1)  # C(a)[i, j] = a[(i - j) mod 8]
+    want = x @ c.base.weight.T + c.base.bias + 0.5 * x @ C.T
+    torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_registry_and_lr() -> None:
     for name, cls in [("circulant", Circulant), ("toeplitz", Toeplitz), ("ldr", LDR)]:
         assert loraplex.METHODS[name] is cls

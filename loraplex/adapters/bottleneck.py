@@ -63,6 +63,13 @@ class Bottleneck(Adapter):
 
     * ``"circulant"``: ``M = C(a ⊙ b)`` (``C(c)[i, j] = c[(i - j) mod out]``), ``a ~ N(0, 0.02²)``,
       ``b = 0``; ``product=False``: ``M = C(a)``, ``a = 0``. Trainable ``3·out`` (``2·out``).
+      **Departure (our decision, issue 18):** the reference's ``CirculantLayer`` adds no output bias in its
+      ``use_prod=False`` branch (``act(C(a) x)``; it still allocates ``circulant_bias``, a trainable
+      parameter that then never gets a gradient). We keep ``out_bias`` in both branches, so the
+      ``product=False`` layer is ``y = h + act(C(a) dropout(h)) + out_bias`` like every other
+      structured map here (the reference's own ``product=True`` branch and Toeplitz layers add it):
+      the reference's ``2·out`` parameters all train, and a single generating vector is the only
+      difference between the two settings. Set ``out_bias`` to 0 and freeze it for the reference's map.
     * ``"toeplitz"``: ``M = T(b) T(a)`` (``T(v)[i, j] = v[|i - j|]``), ``a ~ N(0, 0.02²)``, ``b = 0``;
       ``product=False``: ``M = T(a)``, ``a = 0``. Trainable ``3·out`` (``2·out``). Not pinned down:
       the reference file has two layers, ``ToeplitzLayer`` (``T(a ⊙ b)``, the one its

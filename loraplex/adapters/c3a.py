@@ -43,6 +43,15 @@ class C3A(Adapter):
     the base model at init), ``"kaiming"`` (``U(±1 / sqrt(d_in))``), ``"gaussian"`` (``N(0, 1)``).
     The paper's ablation finds them within noise of each other.
 
+    **Training does not match PEFT** (our decision: keep the correct gradient; issue 18). PEFT 0.21.2's
+    C3A input gradient is wrong: its ``BlockCircularConvolution.backward`` returns an x-gradient that
+    is not dense autograd's (relative error 0.46 on a 12 -> 20 layer with b = 4;
+    ``torch.autograd.gradcheck`` fails on it), while its outputs, kernel gradient and ``ΔW`` are right.
+    Ours is the gradient of ``x (W0 + ΔW)^T`` (pinned against dense autograd and by ``gradcheck`` in
+    ``tests/test_c3a.py``). Outputs, ``ΔW`` and checkpoints match PEFT both ways, but every gradient
+    that flows back through a C3A layer (to the layers and adapters below it) differs, so a run trained
+    here does not follow a PEFT run.
+
     Speed: on a plain fp32 layer with enough rows, forward and input gradient are the base
     layer's own GEMMs with ``W0 + ΔW``, and only the kernel gradient costs extra (by FFT); stacked
     adapters, fp16 / bf16 models and small inputs take the FFT path for the whole effect, in fp32.

@@ -32,7 +32,10 @@ class Circulant(Adapter):
     was run. It matters under Adam: ``b``'s steps are about ``lr`` whatever the scale of ``a``, so
     ``c = a ⊙ b`` moves ``std(a)`` times that, 50x faster with std 1 than with 0.02.
     ``product=False``: ``a = 0`` (the reference's ``init_zero=True``; its ``init_zero=False`` branch
-    calls ``normal_(…, a=sqrt(5))``, which raises).
+    calls ``normal_(…, a=sqrt(5))``, which raises). Both settings keep the base layer's bias, as the
+    reference's LoRA forward (``F.linear(x, W, bias=self.bias)`` in both branches); it is the SURM
+    *adapter* layer whose ``use_prod=False`` branch drops its output bias (see ``adapter``,
+    ``structure="circulant"``: a departure we document there).
 
     ``alpha`` is the reference's ``circ_alpha`` (default 1.0; its ``trainable_alpha`` variant, a
     learned scalar initialised at 0, is not offered). ``dropout`` is its ``circulant_dropout``

@@ -94,13 +94,41 @@ def gralora_linear(x: Tensor, W: Tensor | None, b: Tensor | None, A: Tensor, B: 
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+CONVENTIONS = ("peft", "official")  # what ``rank`` counts: the grid alone (PEFT) or grid + hybrid (SqueezeBits)
+
+
+def grid_rank(rank: int, hybrid_rank: int, convention: str) -> int:
+    """The block grid's rank r: ``rank`` (PEFT's convention) or ``rank - hybrid_rank`` (the official one)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} must be one of {', '.join(map(repr, CONVENTIONS))}")
+    if convention == "peft":
+        return rank
+    if rank <= hybrid_rank:
+        raise ValueError(
+            f"rank={rank} must exceed hybrid_rank={hybrid_rank}: with convention='official' rank counts the "
+            f"hybrid part too, and the block grid gets rank - hybrid_rank"
+        )
+    return rank - hybrid_rank
+
+
 class GraLoRA(Adapter):
     """GraLoRA: Granular Low-Rank Adaptation (https://arxiv.org/abs/2505.20355), as PEFT's ``GraloraConfig``.
 
     W is cut into k x k blocks of (out / k, in / k); block (i, j) gets its own rank-r/k LoRA,
-    ``ΔW_ij = s B_ij A_ij``, ``s = alpha / (rank + hybrid_rank)``; hybrid GraLoRA adds a plain LoRA
+    ``ΔW_ij = s B_ij A_ij``, ``s = alpha / (r + hybrid_rank)``; hybrid GraLoRA adds a plain LoRA
     ``s B_h A_h`` of rank ``hybrid_rank``. ``y = W0 x + b + ΔW dropout(x)``: the parameters of a LoRA
-    of rank ``rank + hybrid_rank``, for a ΔW of rank up to ``k rank + hybrid_rank``. B = 0 at init.
+    of rank ``r + hybrid_rank``, for a ΔW of rank up to ``k r + hybrid_rank``. B = 0 at init.
+
+    What ``rank`` counts (``convention``; our decision: PEFT's by default, the official one offered).
+    PEFT's ``GraloraConfig`` (``convention="peft"``, the default): ``rank`` is the block grid's rank
+    alone, ``r = rank``, the hybrid part comes on top and ``s = alpha / (rank + hybrid_rank)``. The
+    official SqueezeBits code (``convention="official"``) counts ``rank`` as the total rank, hybrid part
+    included: the grid gets ``r = rank - hybrid_rank`` and ``s = alpha / rank``. The two describe the
+    same layers (``rank=R, convention="official"`` is ``rank=R - h, convention="peft"``, same alpha, same
+    ``s``, same parameters); they differ as soon as ``hybrid_rank > 0`` in which layer a given ``rank``
+    builds, so reproduce each code base's runs with its own convention. PEFT export writes PEFT's
+    ``r = rank - hybrid_rank`` for the official convention (the same scale and tensors); PEFT imports come
+    back in PEFT's convention.
 
     Parameters are in PEFT's layouts and named ``blocks_*`` / ``hybrid_*``, not ``A`` / ``B``: GraLoRA
     is not one LoRA, so it declares no ``factor_pairs``, but its grid (and hybrid pair) as ``factor_blocks``.
@@ -114,11 +142,14 @@ class GraLoRA(Adapter):
 
     Args:
         base: the layer to adapt.
-        rank: GraLoRA rank r (PEFT's ``r``); every block gets r / k.
+        rank: GraLoRA rank (PEFT's ``r``): the grid's rank r, every block gets r / k; with
+            ``convention="official"`` the total rank, the grid's r being ``rank - hybrid_rank``.
         alpha: scale numerator.
         k: blocks per side (PEFT's ``gralora_k``); must divide rank, in_features and out_features.
         hybrid_rank: rank of the plain LoRA part (PEFT's ``hybrid_r``); 0 for none.
         dropout: dropout probability on the adapter's input.
+        convention: ``"peft"`` (``rank`` is the grid's rank) or ``"official"`` (SqueezeBits: ``rank``
+            includes ``hybrid_rank``); see above.
 
     Example:
         >>> layer = GraLoRA(nn.Linear(16, 32), rank=4, k=2)
@@ -130,7 +161,7 @@ class GraLoRA(Adapter):
     hybrid_B: nn.Parameter | None
     method = "gralora"
     paper = "https://arxiv.org/abs/2505.20355"
-    formula = "(rank + hybrid_rank) * (in + out)"
+    formula = "(rank + hybrid_rank) * (in + out); rank * (in + out) with convention='official'"
     # Unmeasured here. PEFT's MetaMathQA benchmark trains GraLoRA (r = 32, alpha = 64) with AdamW at 2e-4,
     # twice its LoRA runs' 1e-4; the paper uses Lion at 2e-4. Defaults give LoRA's scale (alpha / r = 2).
     default_lr = 1e-3
@@ -138,22 +169,25 @@ class GraLoRA(Adapter):
 
     def __init__(
         self, base: nn.Module, *, rank: int = 32, alpha: float = 64.0, k: int = 2, hybrid_rank: int = 0,
-        dropout: float = 0.0,
+        dropout: float = 0.0, convention: str = "peft",
     ) -> None:  # fmt: skip
         super().__init__(base)
         check_int("rank", rank), check_int("k", k), check_int("hybrid_rank", hybrid_rank, low=0)
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
             raise ValueError(f"alpha={alpha!r} must be a finite number")
-        for name, size in (("rank", rank), ("in_features", self.in_features), ("out_features", self.out_features)):
+        grid = grid_rank(rank, hybrid_rank, convention)
+        what = "rank" if convention == "peft" else "rank - hybrid_rank"
+        for name, size in ((what, grid), ("in_features", self.in_features), ("out_features", self.out_features)):
             if size % k:
                 raise ValueError(f"k={k} must divide {name}={size}")
         self.rank, self.alpha, self.k, self.hybrid_rank = rank, alpha, k, hybrid_rank
-        self.scale = alpha / (rank + hybrid_rank)
+        self.convention, self.grid_rank = convention, grid
+        self.scale = alpha / (grid + hybrid_rank)  # alpha / (rank + h) (PEFT), alpha / rank (official)
         self.p = check_dropout(dropout)
         self.dropout = nn.Dropout(self.p) if self.p else nn.Identity()
         n_in, n_out, h, device = self.in_features, self.out_features, hybrid_rank, self.param_device
-        self.blocks_A = nn.Parameter(torch.empty(k, n_in // k, rank, device=device))  # (k, in / k, r), fp32
-        self.blocks_B = nn.Parameter(torch.zeros(k, rank, n_out // k, device=device))  # (k, r, out / k), fp32
+        self.blocks_A = nn.Parameter(torch.empty(k, n_in // k, grid, device=device))  # (k, in / k, r), fp32
+        self.blocks_B = nn.Parameter(torch.zeros(k, grid, n_out // k, device=device))  # (k, r, out / k), fp32
         self.hybrid_A = nn.Parameter(torch.empty(h, n_in, device=device)) if h else None  # (h, in), fp32
         self.hybrid_B = nn.Parameter(torch.zeros(n_out, h, device=device)) if h else None  # (out, h), fp32
         if not is_restoring():
@@ -161,9 +195,16 @@ class GraLoRA(Adapter):
 
     @classmethod
     def num_params(
-        cls, in_features: int, out_features: int, *, rank: int = 32, hybrid_rank: int = 0, **_: object
+        cls,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int = 32,
+        hybrid_rank: int = 0,
+        convention: str = "peft",
+        **_: object,
     ) -> int:
-        return (rank + hybrid_rank) * (in_features + out_features)
+        return (grid_rank(rank, hybrid_rank, convention) + hybrid_rank) * (in_features + out_features)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -182,7 +223,8 @@ class GraLoRA(Adapter):
     )  # fmt: skip
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        config = {"r": self.rank, "alpha": self.alpha, "gralora_k": self.k, "hybrid_r": self.hybrid_rank,
+        # PEFT counts r without the hybrid part: the official convention's rank - hybrid_rank, same scale
+        config = {"r": self.grid_rank, "alpha": self.alpha, "gralora_k": self.k, "hybrid_r": self.hybrid_rank,
                   "gralora_dropout": self.p, "init_weights": True, "fan_in_fan_out": self.transposed}  # fmt: skip
         tensors = {"gralora_A": self.blocks_A.detach(), "gralora_B": self.blocks_B.detach()}
         if self.hybrid_A is not None and self.hybrid_B is not None:

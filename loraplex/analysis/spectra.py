@@ -8,7 +8,8 @@ update is analysed the same way: ``stable_rank(adapter.delta_weight())``.
 
 Notation: ``σ_1 >= σ_2 >= ... >= σ_n >= 0``, ``n = min(out, in)``, ``‖W‖_F² = Σ σ_i²``.
 
-* ``stable_rank``    ``‖W‖_F² / σ_1²``                         in ``[1, n]`` (Cuttlefish, MLSys 2023)
+* ``stable_rank``    ``‖W‖_F² / σ_1²``                         in ``[1, n]`` (Cuttlefish, MLSys 2023);
+  ``floored_stable_rank`` is Cuttlefish's ``floor`` of it, taken with a relative tolerance (:func:`floor_rank`)
 * ``effective_rank`` ``exp(-Σ p_i log p_i)``, ``p_i = σ_i / Σ σ_j``   in ``[1, n]`` (Roy & Vetterli 2007)
 * ``energy_rank``    least ``k`` with ``Σ_{i<=k} σ_i² >= energy · ‖W‖_F²``   (TRP's ``EnergyThreshold``)
 * ``tail_error``     ``‖W - W_k‖_F / ‖W‖_F = sqrt(Σ_{i>k} σ_i² / Σ σ_i²)``   (Eckart–Young)
@@ -16,7 +17,11 @@ Notation: ``σ_1 >= σ_2 >= ... >= σ_n >= 0``, ``n = min(out, in)``, ``‖W‖_
 * ``numerical_rank`` the number of non-zero singular values (after the tolerance below)
 
 **Zero matrix** (and empty matrices): every rank is 0, ``stable_rank = effective_rank = 0.0`` and
-``tail_error = 0.0`` (``W_k = W``; the ratio 0/0 is taken as 0).
+``tail_error = 0.0`` (``W_k = W``; the ratio 0/0 is taken as 0). This module is the one home of
+``stable_rank`` and ``energy_rank``: Cuttlefish (:mod:`loraplex.lowrank.cuttlefish`), TRP
+(:mod:`loraplex.lowrank.trp`) and the LoRD allocator (:mod:`loraplex.compression.allocate`) call these; a
+caller that must keep at least one component (TRP's truncation, the allocator's energy rule, ``convert``)
+says so itself with ``max(1, energy_rank(...))``.
 
 **Tolerance (our decision, not pinned down by the papers).** A matrix of exact rank ``r`` stored in
 floating point has ``n - r`` tiny non-zero singular values from rounding; they would make
@@ -115,6 +120,32 @@ def stable_rank(w: Tensor) -> float:
     if s.numel() == 0 or s[0] == 0:
         return 0.0
     return float(s.square().sum() / s[0].square())
+
+
+FLOOR_RTOL = 1e-9  # floor_rank's relative tolerance
+
+
+def floor_rank(x: float, rtol: float = FLOOR_RTOL) -> int:
+    """``floor(x)``, except that an ``x`` within ``rtol · max(1, |x|)`` below an integer counts as that integer.
+
+    A ratio that is an integer in exact arithmetic comes out of the float arithmetic a few ulps either
+    side of it: the stable rank of a 12×12 orthogonal matrix is 11.999999999999989, and a plain ``floor``
+    gives 11. The tolerance (1e-9, far above float64 rounding, far below any meaningful fraction of a rank)
+    rounds such values to the integer.
+
+    >>> floor_rank(11.999999999999989), floor_rank(11.5), floor_rank(0.0)
+    (12, 11, 0)
+    """
+    return math.floor(x + rtol * max(1.0, abs(x)))
+
+
+def floored_stable_rank(w: Tensor) -> int:
+    """Cuttlefish's ``floor(‖W‖_F² / σ_1²)`` (``rank_estimation``), floored by :func:`floor_rank`; 0 for zero.
+
+    >>> floored_stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0]))), floored_stable_rank(torch.eye(12))
+    (1, 12)
+    """
+    return floor_rank(stable_rank(w))
 
 
 def effective_rank(w: Tensor) -> float:

@@ -4,10 +4,14 @@ Every layer is described by its *spectrum of energies* ``e_1 >= e_2 >= ... >= 0`
 singular values of ``W`` for weight SVD (then the error of rank ``k`` is the Eckart–Young tail
 ``||W - W_k||_F^2 = Σ_{i>k} σ_i²``), or the eigenvalues of the output covariance for the
 activation-aware decomposition (then the tail is the expected squared output error). The
-relative error of rank ``k`` is ``tail_k / Σ e``.
+relative error of rank ``k`` is ``sqrt(tail_k / Σ e)``: ``||W - W_k||_F / ||W||_F`` for weight SVD, the
+root of the relative expected squared output error for the activation-aware one; it is the
+``relative_error`` that :func:`loraplex.compression.plan` reports per layer.
 
 ``ratio`` allocation (not pinned down by LoRD, decided here): keep at most ``ratio`` of the targeted
-layers' weight parameters, minimising the **sum over layers of the relative errors**. A layer is
+layers' weight parameters, minimising the **sum over layers of the relative errors** (the
+unsquared ones above, the numbers the plan reports and the README promises; until issue 18 the
+solver minimised the sum of their squares). A layer is
 either kept dense (its ``in * out`` parameters, error 0) or factorised at a rank ``k`` below the
 break-even rank (``k (in + out)`` parameters). This is a multiple-choice knapsack: solved exactly by
 dynamic programming over the budget in units of the gcd of all layer sizes (384 for MiniLM, 768 for
@@ -29,8 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from loraplex.adapter import check_fraction
+from loraplex.analysis.spectra import energy_rank
 
 DENSE = -1  # the "rank" of a layer left as it is
 EXACT_LIMIT = 2 * 10**8  # cells of the dynamic-programming table (budget units x options) solved exactly
@@ -55,34 +61,29 @@ class LayerSpectrum:
         return min(len(self.energies), (self.dense_params - 1) // (self.in_features + self.out_features))
 
     def relative_errors(self) -> np.ndarray:
-        """``err[k]`` = relative tail energy after keeping ``k`` components, ``k = 0 .. len``."""
+        """``err[k] = sqrt(tail_k / Σ e)``, the relative error after keeping ``k`` components, ``k = 0 .. len``."""
         e = np.clip(np.asarray(self.energies, dtype=np.float64), 0.0, None)
         total = e.sum()
         if total <= 0:
             return np.zeros(len(e) + 1)
         tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])
-        return tail / total
+        return np.sqrt(tail / total)
 
     def params(self, rank: int) -> int:
         return self.dense_params if rank == DENSE else rank * (self.in_features + self.out_features)
 
 
-def energy_rank(energies: np.ndarray, energy: float) -> int:
-    """Smallest ``k`` whose leading energies reach the fraction ``energy`` of the total (1 for a zero layer)."""
-    e = np.clip(np.asarray(energies, dtype=np.float64), 0.0, None)
-    total = e.sum()
-    if total <= 0:
-        return 1
-    kept = np.cumsum(e) / total
-    return min(len(e), int(np.searchsorted(kept, energy * (1 - 1e-12))) + 1)
-
-
 def by_energy(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
-    """Each layer's energy rank, or ``DENSE`` where that rank saves no parameters."""
+    """Each layer's energy rank, or ``DENSE`` where that rank saves no parameters.
+
+    The energy rank is :func:`loraplex.analysis.spectra.energy_rank` of the spectrum ``sqrt(energies)``,
+    at least 1 (a zero layer keeps one component).
+    """
     check_fraction("energy", energy)
     out = {}
     for s in layers:
-        k = energy_rank(s.energies, energy)
+        e = np.clip(np.asarray(s.energies, dtype=np.float64), 0.0, None)
+        k = max(1, energy_rank(torch.from_numpy(np.sqrt(e)), energy))
         out[s.name] = k if k <= s.max_rank else DENSE
     return out
 

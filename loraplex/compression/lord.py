@@ -27,7 +27,8 @@ Two alternatives from Jun Lu's survey (https://arxiv.org/abs/2408.05883), with `
 Rank selection (exactly one of; see :mod:`loraplex.compression.allocate`): ``rank`` (an int for
 every layer, or ``{layer name: rank}``), ``energy`` (keep that fraction of each layer's spectral
 energy), ``ratio`` (keep that fraction of the targeted weight parameters, spread across layers to
-minimise the sum of relative errors; ``allocation="uniform"``: that fraction of every layer).
+minimise the sum of the relative errors ``||W - Ŵ||_F / ||W||_F`` that :func:`plan` reports;
+``allocation="uniform"``: that fraction of every layer).
 
 SVD solver: ``solver="auto"`` computes the full thin SVD (LAPACK, float64 on CPU), except when
 the rank is given up front and small (``rank + oversample <= min(in, out) / 8``): then the
@@ -304,7 +305,7 @@ def plan(
                 up, down = split_factors(*svd(w), k)
                 bias = None
             if method == "activation":
-                err = float(np.sqrt(s.relative_errors()[k]))
+                err = float(s.relative_errors()[k])
             else:
                 w64 = w.detach().to(up.dtype)
                 err = float(torch.linalg.norm(w64 - up @ down) / torch.linalg.norm(w64).clamp_min(1e-300))

@@ -1,8 +1,9 @@
 """Cuttlefish (Wang et al., MLSys 2023, https://arxiv.org/abs/2305.02538): low-rank training without rank tuning.
 
 Train full rank; after every epoch record each tracked layer's floored stable rank
-``sr(W) = floor(‖W‖_F² / σ_max²)`` (``W`` reshaped to ``(d_out, -1)``). At construction (the reference's
-epoch −1) record ``ξ = min(d_out, d_in) / sr(W_0)``; the estimated rank is the scaled stable rank
+``sr(W) = floor(‖W‖_F² / σ_max²)`` (``W`` reshaped to ``(d_out, -1)``; the floor has a relative tolerance
+of 1e-9, so a 12×12 orthogonal matrix, whose ratio computes to 11.999999999999989, gets 12). At construction
+(the reference's epoch −1) record ``ξ = min(d_out, d_in) / sr(W_0)``; the estimated rank is the scaled stable rank
 ``r̂ = min(full, ceil(sr(W_t) · ξ))``. A layer is *stable* once, at an epoch ``e ≥ min_epoch`` (0-based, the
 reference's "never before epoch 15"), the mean of the last ``tail`` (11) entries of ``|np.gradient(EMA)|`` is at
 most ``τ``, the EMA being taken over the per-epoch ``sr`` sequence with weight ``2 / (ema_points + 1)``
@@ -38,18 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_finite, check_int, check_nonnegative
-from loraplex.compression.layers import LOW_RANK_LAYERS, break_even_rank, factorize, svd
+from loraplex.analysis.spectra import floored_stable_rank
+from loraplex.compression.layers import LOW_RANK_LAYERS, break_even_rank, factorize
 from loraplex.lowrank.trp import find_targets, set_submodule
 
-
-def stable_rank(w: Tensor) -> int:
-    """Cuttlefish's floored stable rank ``floor(Σ σ_i² / σ_max²)`` of ``w`` as ``(d_out, -1)`` (0 for zero).
-
-    >>> stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0])))
-    1
-    """
-    s = svd(w)[1]
-    return int(float((s**2).sum()) / float(s[0]) ** 2) if float(s[0]) > 0 else 0
+# Cuttlefish's floored stable rank ``floor(Σ σ_i² / σ_max²)`` of ``w`` as ``(d_out, -1)`` (0 for zero), floored
+# with a relative tolerance; it lives in :mod:`loraplex.analysis.spectra`, this name is ``loraplex.lowrank``'s.
+stable_rank = floored_stable_rank
 
 
 def ema(signal: Sequence[float], points: int) -> np.ndarray:

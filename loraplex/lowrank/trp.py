@@ -31,23 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_finite, check_fraction, check_int, check_nonnegative
+from loraplex.analysis.spectra import energy_rank
 from loraplex.compression.layers import break_even_rank, factorize, svd
 from loraplex.inject import match
-
-
-def energy_rank(s: Tensor, energy: float) -> int:
-    """The smallest ``k`` with ``Σ_{i≤k} σ_i² ≥ energy · Σ_i σ_i²`` (``s`` descending; 1 for a zero matrix).
-
-    >>> energy_rank(torch.tensor([3.0, 1.0, 1.0]), 0.9)
-    2
-    """
-    e = s.double() ** 2
-    total = float(e.sum())
-    if total == 0.0:
-        return 1
-    cum = torch.cumsum(e, 0) / total
-    # the tolerance keeps energy = 1.0 from asking for more than the numerical rank
-    return min(int((cum < energy - 1e-12).sum()) + 1, s.numel())
 
 
 def value_rank(s: Tensor, threshold: float) -> int:
@@ -62,7 +48,7 @@ def value_rank(s: Tensor, threshold: float) -> int:
 def truncate(w: Tensor, energy: float) -> tuple[Tensor, Tensor, int]:
     """``(U_k Σ_k V_kᵀ, U_k V_kᵀ, k)`` in ``w``'s shape and dtype (``k = energy_rank``; convs: NC scheme)."""
     u, s, vh = svd(w)  # (N, m), (m,), (m, C·kh·kw) in float64 on CPU
-    k = energy_rank(s, energy)
+    k = max(1, energy_rank(s, energy))  # a zero weight keeps one (zero) component
     low = (u[:, :k] * s[:k]) @ vh[:k]
     sub = u[:, :k] @ vh[:k]
     return low.reshape(w.shape).to(w.dtype), sub.reshape(w.shape).to(w.dtype), k

@@ -110,6 +110,34 @@ def carry_optimizer(
     optimizer.state[new] = carried
 
 
+def fresh_adam_correction(optimizer: torch.optim.Optimizer, param: Tensor, born: Tensor, dim: int) -> Tensor | None:
+    """What to add to ``param`` after an Adam / AdamW step so that its slices along ``dim`` born at state step
+    ``born[i] > 0`` took the step of their own count ``τ = step - born[i]`` (``None``: nothing to correct).
+
+    torch's update is ``-lr · m / (1 - β1^t) / (sqrt(v) / sqrt(1 - β2^t) + ε)`` (weight decay aside, which is
+    the same either way) with the parameter's one ``t``; a slice grown at ``t0`` with zero moments needs
+    ``τ = t - t0`` in both bias corrections, as if its moments had their own step count. ``m``, ``v`` (the
+    AMSGrad maximum where ``amsgrad``) are the moments after the step, the ones the update used.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or not bool((born > 0).any()):
+        return None
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    state = optimizer.state.get(param, {})
+    if "exp_avg" not in state:
+        return None
+    (b1, b2), lr, eps = group["betas"], float(group["lr"]), float(group["eps"])
+    t = float(state["step"])
+    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    shape = [1] * param.ndim
+    shape[dim] = -1
+    tau = (t - born.to(param.device, torch.float64)).clamp_min(1.0)
+    bc1, bc2 = (1 - b1**tau).view(shape), (1 - b2**tau).view(shape)
+    m = state["exp_avg"].double()
+    own = m / bc1 / (v.double().sqrt() / bc2.sqrt() + eps)
+    shared = m / (1 - b1**t) / (v.double().sqrt() / math.sqrt(1 - b2**t) + eps)
+    return (-lr * (own - shared) * (born > 0).view(shape).to(param.device)).to(param.dtype)
+
+
 class ElaLoRAAllocator(Allocator):
     """ElaLoRA's allocator (https://arxiv.org/abs/2504.00254), as ``loralib/loralib/elalora.py::RankAllocator``.
 
@@ -129,6 +157,11 @@ class ElaLoRAAllocator(Allocator):
     * The optimizer is fixed in place: each replaced Parameter takes the old one's slot in its param
       group, and its state keeps the surviving rows (zeros for new ones, ``step`` kept) (``carry_optimizer``).
       The reference rebuilds the optimizer and loses all its state at every change; that is not copied.
+      With Adam / AdamW the grown slices get their own step count: ``step`` records the parameter's state
+      step at which each slice was born and corrects every later update of that slice to the bias
+      correction of its own count (``fresh_adam_correction``), so its first step is Adam's first,
+      ``≈ lr · sign(g)``. (With the shared count, zero moments under ``1 - β^t ≈ 1`` made those slices step
+      up to 5-6 × lr for their first ~30 steps; issue 18.) Surviving slices are untouched.
 
     Defaults: ``b = 4``, ``k = 2``, ``enable_scheduler = True`` (``NLU/scripts/run_debertav3_*.sh``),
     ``beta1 = beta2 = 0.85`` and ``reg_orth_coef = 0.1`` (``run_glue.py``). The scripts' ``init_warmup`` /
@@ -243,6 +276,9 @@ class ElaLoRAAllocator(Allocator):
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
         self.avg: dict[str, dict[str, Tensor]] = {}  # layer -> part -> sensitivity EMA
         self.unc: dict[str, dict[str, Tensor]] = {}  # layer -> part -> uncertainty EMA
+        # layer -> part -> per rank slice, the optimizer state step at which it was grown (0: not grown / fresh)
+        self.born: dict[str, dict[str, Tensor]] = {}
+        self._seen: dict[tuple[str, str], float] = {}  # the state step last corrected, per (layer, part)
 
     def b_now(self, step: int) -> int:
         if not self.enable_scheduler:
@@ -282,8 +318,34 @@ class ElaLoRAAllocator(Allocator):
                 self.avg[n][p] = remap(self.avg[n][p], keep, more, dim)
                 self.unc[n][p] = remap(self.unc[n][p], keep, more, dim)
                 carry_optimizer(optimizer, old[p], getattr(a, p), keep, more, dim)
+                state = optimizer.state.get(getattr(a, p), {})
+                now = float(state["step"]) if "step" in state else 0.0
+                born = self.born.get(n, {}).get(p, torch.zeros(old[p].shape[dim], dtype=torch.float64))
+                born = torch.cat([born[keep], torch.full((more,), now, dtype=torch.float64)])
+                self.born.setdefault(n, {})[p] = born
+                self._seen[(n, p)] = now
+
+    def correct_grown(self, optimizer: torch.optim.Optimizer) -> None:
+        """After ``optimizer.step()``: give the grown slices the Adam step of their own step count."""
+        betas = [b for g in optimizer.param_groups for b in g.get("betas", ())]
+        beta = max(betas, default=0.9999)
+        with torch.no_grad():
+            for n, parts in self.born.items():
+                for p, born in parts.items():
+                    param = getattr(self.layers[n], p)
+                    state = optimizer.state.get(param, {})
+                    if "step" not in state or float(state["step"]) == self._seen.get((n, p)):
+                        continue  # not stepped since the last correction (no gradient)
+                    self._seen[(n, p)] = float(state["step"])
+                    fix = fresh_adam_correction(optimizer, param, born, RANK_DIM[p])
+                    if fix is not None:
+                        param.add_(fix)
+                    tau = float(state["step"]) - born
+                    done = (born > 0) & (beta**tau < 1e-17)  # both bias corrections are 1 in float64 by then
+                    born[done] = 0.0
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.correct_grown(optimizer)
         step = self.t
         self.t += 1
         self.resized = False
@@ -304,6 +366,7 @@ class ElaLoRAAllocator(Allocator):
             "avg": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.avg.items()},
             "unc": {n: {k: v.detach().clone() for k, v in d.items()} for n, d in self.unc.items()},
             "generator": self.generator.get_state().to(torch.int64),  # int64: plain safetensors dtypes only
+            "born": {n: {k: v.clone() for k, v in d.items()} for n, d in self.born.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -320,6 +383,17 @@ class ElaLoRAAllocator(Allocator):
                             f"{tuple(mine.shape)} (load the model saved with this state first)"
                         )
 
+        for n, parts in state.get("born", {}).items():
+            for p, v in parts.items():
+                if n not in self.layers or p not in PARTS:
+                    raise ValueError(f"allocator state 'born' names {n}.{p}, which this model lacks")
+                want = getattr(self.layers[n], p).shape[RANK_DIM[p]]
+                if tuple(v.shape) != (want,):
+                    raise ValueError(
+                        f"allocator state 'born' of {n}.{p} has shape {tuple(v.shape)}, the model's rank is {want} "
+                        "(load the model saved with this state first)"
+                    )
+
         def place(d: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
             out = {}
             for n, parts in d.items():
@@ -328,4 +402,9 @@ class ElaLoRAAllocator(Allocator):
 
         self.avg, self.unc = place(state["avg"]), place(state["unc"])
         self.generator.set_state(state["generator"].to("cpu", torch.uint8))
+        # "born" is absent from states saved before issue 18: their grown slices then share the step count
+        self.born = {
+            n: {k: v.to("cpu", torch.float64).clone() for k, v in d.items()} for n, d in state.get("born", {}).items()
+        }
+        self._seen = {}
         super().load_state_dict(state)
