@@ -149,6 +149,18 @@ def test_ratio_selection_fits_and_is_optimal(ratio: float, seed: int, exact: boo
                 assert err <= total_error(layers, {s.name: k for s in layers}) + 1e-12
 
 
+@pytest.mark.parametrize(("seed", "ratio"), [(469, 0.8), (616, 0.8), (791, 0.8), (819, 0.4375)])
+def test_lagrangian_fallback_is_never_worse_than_a_uniform_rank(seed: int, ratio: float) -> None:
+    """Cases where the relaxation alone landed behind a uniform rank (hypothesis found one in CI's runs)."""
+    layers = spectra(seed, [(12, 10), (16, 6), (9, 14)])
+    total = sum(s.dense_params for s in layers)
+    with mock.patch.object(allocate, "EXACT_LIMIT", 0):
+        err = total_error(layers, by_ratio(layers, ratio))
+    for k in range(1, min(s.max_rank for s in layers) + 1):
+        if sum(s.params(k) for s in layers) <= ratio * total:
+            assert err <= total_error(layers, {s.name: k for s in layers}) + 1e-12
+
+
 def test_ratio_minimises_the_sum_of_the_reported_relative_errors() -> None:
     # issue 18: the solver minimised Σ tail/total (squared relative errors) while plan() reports and the README
     # promises Σ ||W - Ŵ||_F / ||W||_F. The objective is computed here from the energies, not via the allocator.

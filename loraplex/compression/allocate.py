@@ -175,8 +175,18 @@ def _knapsack(layers: Sequence[LayerSpectrum], errs: list[np.ndarray], budget: f
 
 
 def _lagrangian(layers: Sequence[LayerSpectrum], errs: list[np.ndarray], budget: float) -> dict[str, int]:
+    """The fallback for large tables: a Lagrangian relaxation, then a greedy fill of the budget left.
+
+    The relative-error curves are not convex in the rank, so the relaxation can land behind a plain
+    uniform rank (9 of 1,000 random 3-layer cases did before this was added): the uniform ranks that fit
+    are filled greedily too, and the least total error of all the candidates wins.
+    """
+
     def size(picks: list[int]) -> int:
         return sum(s.params(k) for s, k in zip(layers, picks, strict=True))
+
+    def error(picks: list[int]) -> float:
+        return float(sum(0.0 if k == DENSE else e[k] for e, k in zip(errs, picks, strict=True)))
 
     lo, hi = 0.0, 1.0
     while size(_choose(layers, errs, hi)) > budget:
@@ -184,9 +194,19 @@ def _lagrangian(layers: Sequence[LayerSpectrum], errs: list[np.ndarray], budget:
     for _ in range(100):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if size(_choose(layers, errs, mid)) > budget else (lo, mid)
-    picks = _choose(layers, errs, hi)
-    left = budget - size(picks)
-    while True:  # greedy fill: one rank (or the jump to dense) at a time, best error drop per parameter
+    candidates = [_choose(layers, errs, hi)]
+    for k in range(1, min(s.max_rank for s in layers) + 1):
+        if size([k] * len(layers)) <= budget:
+            candidates.append([k] * len(layers))
+    filled = [_fill(layers, errs, picks, budget - size(picks)) for picks in candidates]
+    best = min(filled, key=error)
+    return {s.name: k for s, k in zip(layers, best, strict=True)}
+
+
+def _fill(layers: Sequence[LayerSpectrum], errs: list[np.ndarray], picks: list[int], left: float) -> list[int]:
+    """Greedy fill: one rank (or the jump to dense) at a time, best error drop per parameter, within ``left``."""
+    picks = list(picks)
+    while True:
         best, gain = None, 0.0
         for i, (s, k) in enumerate(zip(layers, picks, strict=True)):
             if k == DENSE:
@@ -197,13 +217,12 @@ def _lagrangian(layers: Sequence[LayerSpectrum], errs: list[np.ndarray], budget:
             if extra <= left and drop / max(extra, 1) > gain:
                 best, gain = i, drop / max(extra, 1)
         if best is None:
-            break
+            return picks
         k = picks[best]
         s = layers[best]
         nxt = k + 1 if k < s.max_rank else DENSE
         left -= s.params(nxt) - s.params(k)
         picks[best] = nxt
-    return {s.name: k for s, k in zip(layers, picks, strict=True)}
 
 
 def by_uniform_ratio(layers: Sequence[LayerSpectrum], ratio: float) -> dict[str, int]:
