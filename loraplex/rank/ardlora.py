@@ -19,17 +19,21 @@ from loraplex.rank.base import Allocator
 
 
 def ard_penalty(scales: Sequence[Tensor], previous: Sequence[Tensor], l1: float, tv: float) -> Tensor:
-    """``l1 · Σ |α| + tv · Σ (α − α_prev)²`` over every head of every layer (a scalar).
+    """``l1 · Σ |α| + tv · Σ |α − α_prev|`` over every head of every layer (a scalar).
 
     The paper's ``λ R(α)`` with ``R = ℓ1 + β TV`` is this with ``l1 = λ`` and ``tv = λ β``; we weight
-    the two terms independently so that either can be switched off alone.
+    the two terms independently so that either can be switched off alone. TV is the total variation
+    the paper names, ``|Δα|`` (the ℓ1 norm of the change; over a run its sum is α's path length),
+    not the smooth ``(Δα)²``: the squared form's gradient ``2 Δα`` vanishes for the small per-step
+    changes Adam makes, so it would not damp anything; ``|Δα|``'s gradient is ``tv · sign(Δα)``
+    (0 at ``Δα = 0``).
 
     >>> ard_penalty([torch.tensor([1.0, 0.5])], [torch.tensor([0.5, 0.5])], l1=0.1, tv=2.0)
-    tensor(0.6500)
+    tensor(1.1500)
     """
     total: Any = 0
     for a, p in zip(scales, previous, strict=True):
-        total = total + l1 * a.abs().sum() + tv * (a - p).square().sum()
+        total = total + l1 * a.abs().sum() + tv * (a - p).abs().sum()
     return torch.as_tensor(total)
 
 
@@ -50,11 +54,12 @@ class ARDLoRAAllocator(Allocator):
 
     Per step:
 
-    * ``before_step``: the gradient of ``l1 · Σ_{l,h} |α_{l,h}| + tv · Σ_{l,h} (α_{l,h} − α_{l,h}^prev)²``
+    * ``before_step``: the gradient of ``l1 · Σ_{l,h} |α_{l,h}| + tv · Σ_{l,h} |α_{l,h} − α_{l,h}^prev|``
       (``ard_penalty``) is back-propagated into the ``rank_scale`` gradients. ℓ1 drives scales (and so
-      ranks) down wherever the task does not hold them up; TV penalises change.
+      ranks: the adapter's hard mask keeps exactly ``max(1, round(r0 α))`` components) down wherever
+      the task does not hold them up; TV penalises change.
     * ``step``: after the optimizer step, every α is clamped to ``[1/r0, 1]`` in place (effective
-      ranks 1..r0; no shapes change, the soft mask does the rank work, so the optimizer state stays
+      ranks 1..r0; no shapes change, the hard mask does the rank work, so the optimizer state stays
       valid), and ``α^prev`` becomes the value this step's forward used.
 
     Decisions (the paper's exact R, its weights and the TV's axis are not pinned down):
@@ -79,7 +84,7 @@ class ARDLoRAAllocator(Allocator):
         model: a model carrying ``ardlora`` adapters.
         total_steps: optimizer steps of the whole run (unused: the regulariser has no schedule).
         l1: weight of ``Σ |α|`` (>= 0).
-        tv: weight of ``Σ (α − α_prev)²`` (>= 0).
+        tv: weight of ``Σ |α − α_prev|`` (>= 0).
         name: the adapter name to regularise (None: the only ARD-LoRA adapter name).
 
     Example:
