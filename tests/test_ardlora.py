@@ -293,7 +293,7 @@ def run(model, alloc, opt, steps, task: bool = True) -> None:
 
 def test_l1_drives_scales_and_ranks_down_without_a_task_loss() -> None:
     model = ard_block(rank=4)
-    alloc = ARDLoRAAllocator(model, 40, l1=1e-3, tv=0.0)
+    alloc = ARDLoRAAllocator(model, 40, l1=1e-3, tv=0.0, lr_scale=1.0)
     opt = torch.optim.Adam(scales(model), lr=0.05)
     assert set(alloc.ranks().values()) == {8}  # 2 heads x rank 4
     history = []
@@ -308,7 +308,7 @@ def test_l1_drives_scales_and_ranks_down_without_a_task_loss() -> None:
 
 def test_tv_penalises_change_against_the_previous_step() -> None:
     model = ard_block()
-    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=1.0)
+    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=1.0, lr_scale=1.0)
     opt = torch.optim.SGD(scales(model), lr=0.1)
     alloc.before_step()  # α = α_prev: no change, no penalty
     assert all(s.grad is None or not s.grad.any() for s in scales(model))
@@ -325,6 +325,34 @@ def test_tv_penalises_change_against_the_previous_step() -> None:
     alloc.step(opt)
     torch.testing.assert_close(alloc.prev["query"], before)  # α_prev: what this step's forward used
     assert alloc.t == 2
+
+
+def test_lr_scale_multiplies_the_optimizer_step_of_alpha_only() -> None:
+    model = ard_block(rank=8)
+    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=0.0, lr_scale=4.0)
+    perturb(model, scale=0.05)
+    with torch.no_grad():
+        for s in scales(model):
+            s.fill_(0.5)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(BLOCK.input()).square().mean().backward()
+    grads = [s.grad.clone() for s in scales(model)]
+    B_before, B_grad = model.query.B.detach().clone(), model.query.B.grad.clone()
+    alloc.before_step()
+    opt.step()
+    alloc.step(opt)
+    for s, g in zip(scales(model), grads, strict=True):
+        torch.testing.assert_close(s.detach(), 0.5 - 4.0 * 1e-3 * g)
+    torch.testing.assert_close(model.query.B.detach(), B_before - 1e-3 * B_grad)  # factors: the optimizer's step
+    frozen = ARDLoRAAllocator(model, 10, lr_scale=0.0)
+    before = [s.detach().clone() for s in scales(model)]
+    model(BLOCK.input()).square().mean().backward()
+    frozen.before_step()
+    opt.step()
+    frozen.step(opt)
+    assert all(torch.equal(s, b) for s, b in zip(scales(model), before, strict=True))
+    with pytest.raises(ValueError, match="lr_scale=-1 must be a finite number >= 0"):
+        ARDLoRAAllocator(model, 10, lr_scale=-1)
 
 
 def test_step_clamps_to_one_over_r0_and_one() -> None:

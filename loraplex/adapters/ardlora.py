@@ -129,8 +129,9 @@ class ARDLoRA(Adapter):
     method = "ardlora"
     paper = "https://arxiv.org/abs/2506.18267"
     formula = "heads * rank * (in + out / heads) + heads"
-    # LoRA's default: A and B are LoRA's factors; under Adam α moves at most ~lr per step, so at 1e-3
-    # a head can go from r0 to rank 1 in (1 - 1/r0) / lr ≈ 900 steps, within a usual fine-tuning run.
+    # LoRA's default: A and B are LoRA's factors; under Adam α moves at most ~lr per step (times the
+    # allocator's lr_scale, 10 by default), so at 1e-3 a head can go from r0 = 8 to rank 1 in
+    # (1 - 1/r0) / (10 lr) ≈ 90 steps, well within a one-epoch run.
     default_lr = 1e-3
     size_option = "rank"
 

@@ -58,7 +58,8 @@ class ARDLoRAAllocator(Allocator):
       (``ard_penalty``) is back-propagated into the ``rank_scale`` gradients. ℓ1 drives scales (and so
       ranks: the adapter's hard mask keeps exactly ``max(1, round(r0 α))`` components) down wherever
       the task does not hold them up; TV penalises change.
-    * ``step``: after the optimizer step, every α is clamped to ``[1/r0, 1]`` in place (effective
+    * ``step``: after the optimizer step, α's step is multiplied by ``lr_scale`` (``α ← α_seen +
+      lr_scale · (α − α_seen)``, with ``α_seen`` the value before the step), then every α is clamped to ``[1/r0, 1]`` in place (effective
       ranks 1..r0; no shapes change, the hard mask does the rank work, so the optimizer state stays
       valid), and ``α^prev`` becomes the value this step's forward used.
 
@@ -68,12 +69,20 @@ class ARDLoRAAllocator(Allocator):
       adjacent layers: in a transformer the adapter order interleaves q / k / v / out / MLP layers,
       which have no reason to share ranks, and "stable rank transitions" is a statement about time.
       At the first step ``α^prev = α`` (no penalty).
-    * ``l1`` default 1e-3: under Adam the ℓ1 gradient acts as a threshold, a scale shrinks (by up to
-      ~lr per step) where the task gradient on it is below ``l1``; small, so that only scales the
-      task barely uses go down (unverified against the paper, whose λ is not given: sweep it).
-    * ``tv`` default 0.1: α moves by about lr per Adam step, so the TV gradient ``2 tv Δα`` is about
-      ``2e-4`` at lr 1e-3, a fifth of ``l1``: it damps step-to-step reversals without stopping a
-      steady ℓ1 drift.
+    * ``lr_scale`` default 10: under Adam α moves by at most ~lr per step and one rank is ``1/r0`` of
+      α, so at LoRA's lr 1e-3 (with warm-up and linear decay) a head could lose at most one rank of
+      8 in a 125-step epoch, whatever ``l1``; ten times the step lets a short run move several
+      ranks. Only α's step is scaled (A, B and the optimizer state are untouched); 1 is the plain
+      optimizer step.
+    * ``l1`` default 1e-3: under Adam the ℓ1 gradient acts as a threshold, a scale shrinks where the
+      task gradient on it is below ``l1``; small, so that only scales the task barely uses go down
+      (the paper's λ is not given: sweep it). With the hard mask the task gradient on α (straight
+      through) is what switching the boundary component off or on would change in the loss, so
+      ℓ1 now trades loss against rank.
+    * ``tv`` default 1e-4, a tenth of ``l1``: with ``|Δα|`` the TV gradient ``tv · sign(Δα)`` opposes
+      the last move at constant strength, so a steady ℓ1 drift survives only while ``tv < l1`` (at
+      the old 0.1 with ``|Δα|``, α would only oscillate); a tenth damps reversals without stopping
+      the drift.
     * ``ranks()`` is the sum over heads of each layer's effective ranks (``head_ranks()`` gives them
       per head); the rank table then reads as a layer's total rank, comparable with AdaLoRA's.
     * With several ARD-LoRA adapter names in the model, ``name`` picks one.
@@ -85,6 +94,7 @@ class ARDLoRAAllocator(Allocator):
         total_steps: optimizer steps of the whole run (unused: the regulariser has no schedule).
         l1: weight of ``Σ |α|`` (>= 0).
         tv: weight of ``Σ |α − α_prev|`` (>= 0).
+        lr_scale: α's optimizer step is multiplied by this (>= 0; 1: the optimizer's own step; 0: α frozen).
         name: the adapter name to regularise (None: the only ARD-LoRA adapter name).
 
     Example:
@@ -102,7 +112,8 @@ class ARDLoRAAllocator(Allocator):
         total_steps: int,
         *,
         l1: float = 1e-3,
-        tv: float = 0.1,
+        tv: float = 1e-4,
+        lr_scale: float = 10.0,
         name: str | None = None,
     ) -> None:
         super().__init__(model, total_steps)
@@ -122,6 +133,7 @@ class ARDLoRAAllocator(Allocator):
         chosen = names[0] if name is None else name
         self.layers: dict[str, ARDLoRA] = {n: cast(ARDLoRA, a) for n, a in found if a.name == chosen}
         self.l1, self.tv = _check_weight("l1", l1), _check_weight("tv", tv)
+        self.lr_scale = _check_weight("lr_scale", lr_scale)
         self.prev: dict[str, Tensor] = {n: a.rank_scale.detach().clone() for n, a in self.layers.items()}
         self._seen: dict[str, Tensor] | None = None  # α as this step's forward used it (set in before_step)
 
@@ -136,6 +148,11 @@ class ARDLoRAAllocator(Allocator):
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         self.t += 1
+        if self._seen is not None and self.lr_scale != 1:
+            with torch.no_grad():  # α's optimizer step, times lr_scale
+                for n, a in self.layers.items():
+                    seen = self._seen[n]
+                    a.rank_scale.copy_(seen + self.lr_scale * (a.rank_scale - seen))
         for a in self.layers.values():
             clamp_scales(a.rank_scale, a.rank)
         if self._seen is None:  # before_step was skipped: the clamped values stand in
