@@ -59,9 +59,10 @@ class ARDLoRAAllocator(Allocator):
       ranks: the adapter's hard mask keeps exactly ``max(1, round(r0 α))`` components) down wherever
       the task does not hold them up; TV penalises change.
     * ``step``: after the optimizer step, α's step is multiplied by ``lr_scale`` (``α ← α_seen +
-      lr_scale · (α − α_seen)``, with ``α_seen`` the value before the step), then every α is clamped to ``[1/r0, 1]`` in place (effective
-      ranks 1..r0; no shapes change, the hard mask does the rank work, so the optimizer state stays
-      valid), and ``α^prev`` becomes the value this step's forward used.
+      lr_scale · (α − α_seen)``, ``α_seen`` the value before the step), then every α is clamped to
+      ``[1/r0, 1]`` in place (effective ranks 1..r0; no shapes change, the hard mask does the rank
+      work, so the optimizer state stays valid), and ``α^prev`` becomes the value this step's
+      forward used.
 
     Decisions (the paper's exact R, its weights and the TV's axis are not pinned down):
 
