@@ -1,5 +1,6 @@
-"""ARD-LoRA: the soft rank mask, ΔW against a per-head dense re-derivation, gradients through the mask,
-the ℓ1 + TV regulariser's gradients, rank shrinkage, clamping, option errors and exact resume."""
+"""ARD-LoRA: the hard rank mask (the reported rank is the rank of ΔW, issue 18) and its straight-through
+gradient, ΔW against a per-head dense re-derivation, the ℓ1 + TV regulariser's gradients, rank shrinkage,
+clamping, option errors and exact resume."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 import loraplex
-from loraplex.adapters.ardlora import ARDLoRA, effective_ranks, soft_rank_mask
+from loraplex.adapters.ardlora import ARDLoRA, effective_ranks, rank_mask, soft_rank_mask
 from loraplex.checkpoint import join_state, split_state
 from loraplex.io import read_tensors, write_tensors
 from loraplex.rank.ardlora import ARDLoRAAllocator, ard_penalty
@@ -73,16 +74,111 @@ def test_effective_rank_floor_cap_and_halves() -> None:
 
 
 def dense_per_head(a: ARDLoRA) -> torch.Tensor:
-    """ΔW built head by head from the paper's formula, with the mask written out."""
+    """ΔW built head by head from the paper's formula: the factors truncated to r = max(1, round(r0 α))."""
     r0, H, s = a.rank, a.heads, a.scale
     rows = a.out_features // H
     blocks = []
     for h in range(H):
-        B_h = a.B[h * rows : (h + 1) * rows]  # (out / H, r0)
-        A_h = a.A[h * r0 : (h + 1) * r0]  # (r0, in)
-        m = torch.stack([torch.sigmoid((r0 * a.rank_scale[h] - j + 0.5) / a.temperature) for j in range(1, r0 + 1)])
-        blocks.append(s * B_h @ torch.diag(m) @ A_h)
+        r = max(1, min(r0, math.ceil(r0 * float(a.rank_scale[h].detach()) - 0.5)))  # round, halves down
+        B_h = a.B[h * rows : (h + 1) * rows, :r]  # (out / H, r)
+        A_h = a.A[h * r0 : h * r0 + r]  # (r, in)
+        blocks.append(s * B_h @ A_h)
     return torch.cat(blocks)
+
+
+def head_numerical_ranks(a: ARDLoRA) -> list[int]:
+    dw = a.delta_weight().detach().double().view(a.heads, a.out_features // a.heads, a.in_features)
+    return [int(torch.linalg.matrix_rank(d)) for d in dw]
+
+
+def test_hard_mask_values_and_straight_through_gradient() -> None:
+    alpha = torch.tensor([0.5, 0.1, 1.0], dtype=torch.float64, requires_grad=True)
+    m = rank_mask(alpha, 4, 0.5)
+    assert m.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]  # exact zeros and ones
+    w = torch.randn(3, 4, dtype=torch.float64)
+    (g,) = torch.autograd.grad((m * w).sum(), alpha)
+    soft = soft_rank_mask(alpha.detach(), 4, 0.5)
+    torch.testing.assert_close(g, (w * soft * (1 - soft) * 4 / 0.5).sum(1), rtol=1e-12, atol=0)  # ∂s/∂α
+
+
+@settings(max_examples=60, deadline=None)
+@given(heads=st.integers(1, 3), rank=st.integers(1, 8), data=st.data())
+def test_numerical_rank_of_each_head_never_exceeds_the_reported_rank(heads: int, rank: int, data) -> None:
+    """Issue 18: with the soft mask, a head reported at rank 1 had a ΔW of numerical rank r0."""
+    alphas = data.draw(st.lists(st.floats(0.0, 1.0), min_size=heads, max_size=heads))
+    torch.manual_seed(rank)
+    a = ARDLoRA(nn.Linear(12, 10 * heads), rank=rank, heads=heads).double()
+    with torch.no_grad():
+        a.B.normal_()
+        a.rank_scale.copy_(torch.tensor(alphas))
+    reported = a.effective_ranks().tolist()
+    assert head_numerical_ranks(a) == reported  # random factors: exactly the reported rank, never more
+    assert all(r == max(1, min(rank, math.ceil(rank * x - 0.5))) for r, x in zip(reported, alphas, strict=True))
+
+
+def test_components_past_the_effective_rank_contribute_exactly_zero() -> None:
+    torch.manual_seed(0)
+    a = ARDLoRA(nn.Linear(6, 8), rank=4, heads=2).double()
+    perturb(nn.Sequential(a), scale=0.5)
+    with torch.no_grad():
+        a.rank_scale.copy_(torch.tensor([0.5, 0.25]))  # ranks 2 and 1
+    assert a.effective_ranks().tolist() == [2, 1]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    y, dw = a(x), a.delta_weight()
+    off_A = torch.zeros_like(a.A, dtype=torch.bool)
+    off_A[2:4], off_A[5:8] = True, True  # head 0's components 3, 4; head 1's 2..4
+    off_B = torch.zeros_like(a.B, dtype=torch.bool)
+    off_B[:4, 2:], off_B[4:, 1:] = True, True
+    with torch.no_grad():
+        a.A[off_A] += 100.0
+        a.B[off_B] -= 100.0
+    assert torch.equal(a(x), y) and torch.equal(a.delta_weight(), dw)  # bit for bit
+    a(x).square().sum().backward()
+    assert not a.A.grad[off_A].any() and not a.B.grad[off_B].any()  # frozen while switched off
+    assert a.A.grad[~off_A].abs().min() > 0 and a.B.grad[~off_B].abs().min() > 0
+    assert torch.isfinite(a.rank_scale.grad).all() and a.rank_scale.grad.abs().min() > 0  # straight-through
+
+
+def test_ranks_stay_real_while_training_and_fall_below_r0() -> None:
+    """A full-rank target: B and A would re-grow any scaled-down component; ℓ1 still lowers the rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ARDLoRA(nn.Linear(12, 12), rank=6, heads=3).double())
+    a = model[0]
+    alloc = ARDLoRAAllocator(model, 300, l1=0.05, tv=0.005)
+    opt = torch.optim.Adam([p for _, p in a.own_parameters()], lr=1e-2)
+    target = torch.randn(12, 12, dtype=torch.float64)
+    seen = set()
+    for _ in range(300):
+        (a.delta_weight() - target).square().mean().backward()
+        alloc.before_step()
+        opt.step()
+        alloc.step(opt)
+        opt.zero_grad()
+        reported = alloc.head_ranks()["0"]
+        assert all(n <= r for n, r in zip(head_numerical_ranks(a), reported, strict=True)), reported
+        seen.update(reported)
+    assert max(alloc.head_ranks()["0"]) < 6 and len(seen) > 2  # the ranks moved, and ended below r0
+    assert sum(alloc.head_ranks()["0"]) == alloc.ranks()["0"]
+
+
+def test_merge_and_save_load_keep_the_truncated_update(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ard_block()
+    perturb(model, scale=0.5)
+    with torch.no_grad():
+        model.query.rank_scale.copy_(torch.tensor([0.25, 0.5]))  # ranks 1, 2
+    x = BLOCK.input()
+    y = model(x)
+    dw = model.query.delta_weight().detach()
+    loraplex.save(model, tmp_path / "ad")
+    loaded = loraplex.load(BLOCK.make(), tmp_path / "ad")
+    assert loaded.query.effective_ranks().tolist() == [1, 2]
+    assert torch.equal(loaded.query.delta_weight(), dw) and torch.equal(loaded(x), y)
+    base = BLOCK.make().query.weight.detach()
+    merged = loraplex.merge(loaded)
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+    per_head = (merged.query.weight.detach() - base).double().view(2, 8, 16)
+    assert [int(torch.linalg.matrix_rank(d, rtol=1e-5)) for d in per_head] == [1, 2]
 
 
 @settings(max_examples=25, deadline=None)
@@ -114,14 +210,24 @@ def test_gradients_reach_alpha_through_the_mask() -> None:
     a(x).sum().backward()
     assert torch.equal(a.rank_scale.grad, torch.zeros(2, dtype=torch.float64))  # B = 0 at init
     perturb(nn.Sequential(a))
+    with torch.no_grad():
+        a.rank_scale.copy_(torch.tensor([0.6, 0.9]))  # ranks 2 and 3 (of 3)
     params = {k: p.detach().clone().requires_grad_() for k, p in a.own_parameters()}
 
     def f(scale, A, B):
         return functional_call(a, {"rank_scale": scale, "A": A, "B": B}, (x,))
 
-    assert torch.autograd.gradcheck(f, (params["rank_scale"], params["A"], params["B"]))
+    scale = params["rank_scale"].detach()
+    assert torch.autograd.gradcheck(lambda A, B: f(scale, A, B), (params["A"], params["B"]))
+    # α: the straight-through gradient, ∂L/∂m at the hard mask times the soft mask's ∂s/∂α
     (g,) = torch.autograd.grad(f(params["rank_scale"], params["A"], params["B"]).sum(), params["rank_scale"])
-    assert g.abs().min() > 0
+    m = rank_mask(scale, 3, a.temperature).requires_grad_()
+    B, A = params["B"].detach().view(2, 4, 3), params["A"].detach().view(2, 3, 6)
+    dw = torch.bmm(B * (a.scale * m)[:, None, :], A).reshape(8, 6)
+    (gm,) = torch.autograd.grad((x @ dw.T).sum(), m)
+    soft = soft_rank_mask(scale, 3, a.temperature)
+    torch.testing.assert_close(g, (gm * soft * (1 - soft) * 3 / a.temperature).sum(1), rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(g).all() and g.abs().min() > 0
 
 
 def test_identity_at_init_and_half_precision() -> None:
@@ -167,12 +273,12 @@ def test_regulariser_gradients_are_autograd_of_the_penalty() -> None:
     alloc.before_step()
     want = torch.autograd.grad(
         0.03 * sum(s.abs().sum() for s in scales(model))
-        + 0.7 * sum((s - p).square().sum() for s, p in zip(scales(model), prev, strict=True)),
+        + 0.7 * sum((s - p).abs().sum() for s, p in zip(scales(model), prev, strict=True)),
         scales(model),
     )
     for s, t, w, p in zip(scales(model), task, want, prev, strict=True):
         torch.testing.assert_close(s.grad, t + w, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(w, 0.03 * s.detach().sign() + 1.4 * (s.detach() - p), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w, 0.03 * s.detach().sign() + 0.7 * (s.detach() - p).sign(), rtol=1e-6, atol=1e-7)
 
 
 def run(model, alloc, opt, steps, task: bool = True) -> None:
@@ -187,7 +293,7 @@ def run(model, alloc, opt, steps, task: bool = True) -> None:
 
 def test_l1_drives_scales_and_ranks_down_without_a_task_loss() -> None:
     model = ard_block(rank=4)
-    alloc = ARDLoRAAllocator(model, 40, l1=1e-3, tv=0.0)
+    alloc = ARDLoRAAllocator(model, 40, l1=1e-3, tv=0.0, lr_scale=1.0)
     opt = torch.optim.Adam(scales(model), lr=0.05)
     assert set(alloc.ranks().values()) == {8}  # 2 heads x rank 4
     history = []
@@ -202,7 +308,7 @@ def test_l1_drives_scales_and_ranks_down_without_a_task_loss() -> None:
 
 def test_tv_penalises_change_against_the_previous_step() -> None:
     model = ard_block()
-    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=1.0)
+    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=1.0, lr_scale=1.0)
     opt = torch.optim.SGD(scales(model), lr=0.1)
     alloc.before_step()  # α = α_prev: no change, no penalty
     assert all(s.grad is None or not s.grad.any() for s in scales(model))
@@ -213,12 +319,40 @@ def test_tv_penalises_change_against_the_previous_step() -> None:
         model.query.rank_scale.copy_(torch.tensor([0.5, 0.9]))  # a jump away from α_prev = 1
     before = model.query.rank_scale.detach().clone()
     alloc.before_step()
-    torch.testing.assert_close(model.query.rank_scale.grad, 2 * (before - 1))
+    torch.testing.assert_close(model.query.rank_scale.grad, (before - 1).sign())  # TV = |Δα|: tv · sign(Δα)
     opt.step()  # pulled back towards the previous value
     assert (model.query.rank_scale.detach() > before).all()
     alloc.step(opt)
     torch.testing.assert_close(alloc.prev["query"], before)  # α_prev: what this step's forward used
     assert alloc.t == 2
+
+
+def test_lr_scale_multiplies_the_optimizer_step_of_alpha_only() -> None:
+    model = ard_block(rank=8)
+    alloc = ARDLoRAAllocator(model, 10, l1=0.0, tv=0.0, lr_scale=4.0)
+    perturb(model, scale=0.05)
+    with torch.no_grad():
+        for s in scales(model):
+            s.fill_(0.5)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(BLOCK.input()).square().mean().backward()
+    grads = [s.grad.clone() for s in scales(model)]
+    B_before, B_grad = model.query.B.detach().clone(), model.query.B.grad.clone()
+    alloc.before_step()
+    opt.step()
+    alloc.step(opt)
+    for s, g in zip(scales(model), grads, strict=True):
+        torch.testing.assert_close(s.detach(), 0.5 - 4.0 * 1e-3 * g)
+    torch.testing.assert_close(model.query.B.detach(), B_before - 1e-3 * B_grad)  # factors: the optimizer's step
+    frozen = ARDLoRAAllocator(model, 10, lr_scale=0.0)
+    before = [s.detach().clone() for s in scales(model)]
+    model(BLOCK.input()).square().mean().backward()
+    frozen.before_step()
+    opt.step()
+    frozen.step(opt)
+    assert all(torch.equal(s, b) for s, b in zip(scales(model), before, strict=True))
+    with pytest.raises(ValueError, match="lr_scale=-1 must be a finite number >= 0"):
+        ARDLoRAAllocator(model, 10, lr_scale=-1)
 
 
 def test_step_clamps_to_one_over_r0_and_one() -> None:

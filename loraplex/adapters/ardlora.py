@@ -1,4 +1,7 @@
-"""ARD-LoRA (Shinwari & Usama, 2025): LoRA with learnable per-head rank scales behind a soft rank mask.
+"""ARD-LoRA (Shinwari & Usama, 2025): LoRA with learnable per-head rank scales behind a hard rank mask.
+
+The forward keeps exactly ``r = max(1, round(r0 · α))`` components per head (``rank_mask``); α gets a
+straight-through gradient from the soft sigmoid mask (``soft_rank_mask``).
 
 The allocator that regularises the scales (ℓ1 + total variation) and clamps them is ``loraplex.rank.ardlora``.
 """
@@ -29,11 +32,30 @@ def soft_rank_mask(scales: Tensor, rank: int, temperature: float) -> Tensor:
     return torch.sigmoid((rank * scales[:, None] - j + 0.5) / temperature)
 
 
+def rank_mask(scales: Tensor, rank: int, temperature: float) -> Tensor:
+    """The hard rank mask with a straight-through gradient: (H,) -> (H, r0).
+
+    Forward value: ``1`` for ``j ≤ r_h = effective_ranks(α)_h`` and exactly ``0`` past it, so head h's
+    update has rank at most ``r_h``, the rank that is reported. Backward: the gradient of the soft
+    mask ``soft_rank_mask(α, r0, τ)`` (``m = hard + (soft − soft.detach())``; the bracket is exactly 0
+    in the forward, so the hard values are exact). ``∂L/∂m_j`` is taken at the hard mask, which for
+    a switched-off component is how much switching it back on would help.
+
+    >>> rank_mask(torch.tensor([0.5, 0.1]), 4, 0.5).tolist()
+    [[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    """
+    soft = soft_rank_mask(scales, rank, temperature)  # (H, r0)
+    j = torch.arange(1, rank + 1, device=scales.device)  # (r0,)
+    hard = (j <= effective_ranks(scales, rank)[:, None]).to(soft.dtype)  # (H, r0)
+    return hard + (soft - soft.detach())
+
+
 def effective_ranks(scales: Tensor, rank: int) -> Tensor:
     """``r_h = max(1, round(r0 · α_h))``, capped at r0, rounding halves down: int64 (H,).
 
     Rounding halves down (``ceil(r0 α − ½)``) makes ``r_h`` exactly the number of mask entries above
-    ½ (``soft_rank_mask``), so the reported rank is what the mask keeps; the cap at ``r0`` covers
+    ½ (``soft_rank_mask``) and the number of ones of the hard mask (``rank_mask``), so the reported
+    rank is what the forward keeps; the cap at ``r0`` covers
     ``α > 1`` (the adapter alone does not clamp; the allocator does).
 
     >>> effective_ranks(torch.tensor([1.0, 0.5, 0.3, 0.0, 2.0]), 8).tolist()
@@ -55,17 +77,26 @@ class ARDLoRA(Adapter):
     """ARD-LoRA: Adaptive Rank Dynamic LoRA (https://arxiv.org/abs/2506.18267), our differentiable realisation.
 
     The paper gives each layer l and head h a learnable scale ``α_{l,h}`` and an effective rank
-    ``r = max(1, round(r0 · α))``, trained with ``L_task + λ R(α)`` (ℓ1 sparsity + total variation);
-    how gradients pass the rounding is not pinned down (no code is public). **Our design**: the
-    factors keep the maximal rank r0 and a soft rank mask scales their components:
+    ``r = max(1, round(r0 · α))`` as the size of the factors ``B_h`` (out/H × r), ``A_h`` (r × in),
+    trained with ``L_task + λ R(α)`` (ℓ1 sparsity + total variation); how gradients pass the rounding
+    is not pinned down (no code is public). **Our design**: the factors keep the maximal rank r0 and a
+    hard rank mask keeps the first ``r`` of their components:
 
     ``y = W0 x + b + Σ_h [(alpha / r0) · B_h diag(m(α_h)) A_h dropout(x)]`` on head h's rows, with
-    ``m_j(α) = sigmoid((r0 · α − j + ½) / τ)``, ``j = 1..r0`` (``soft_rank_mask``). The update is
-    split into ``heads`` blocks of ``out / heads`` rows (an attention projection's heads; ``heads=1``
-    is one scale per layer), block h being ``ΔW_h = (alpha / r0) · B_h diag(m(α_h)) A_h``
-    (``delta_weight()`` stacks them). The rounding is only reported (``effective_ranks``: the
-    number of mask entries above ½), never used in the forward: the sigmoid is the gradient path
-    to α, and α moving down switches components off smoothly. Shapes never change.
+    ``m_j(α_h) = 1`` for ``j ≤ r_h = max(1, round(r0 · α_h))`` and exactly ``0`` for ``j > r_h``
+    (``rank_mask``), i.e. ``ΔW_h = (alpha / r0) · B_h[:, :r_h] A_h[:r_h]``: the paper's truncated
+    factors, so ``rank(ΔW_h) ≤ r_h`` = the reported rank (``effective_ranks``), and the ℓ1 on α
+    penalises rank itself. The update is split into ``heads`` blocks of ``out / heads`` rows (an
+    attention projection's heads; ``heads=1`` is one scale per layer; ``delta_weight()`` stacks them).
+
+    The rounding has no gradient; α gets a **straight-through** one, that of the soft mask
+    ``s_j(α) = sigmoid((r0 · α − j + ½) / τ)`` (``soft_rank_mask``; its entries above ½ are the
+    hard mask's ones): ``∂L/∂α_h = Σ_j ∂L/∂m_{h,j} · ∂s_j/∂α_h``, with ``∂L/∂m_j`` at the hard mask.
+    A switched-off component gets no task gradient (its columns of B and rows of A are frozen
+    until α switches it back on, with their old values), but ``∂L/∂m_j`` still tells α whether it
+    would help. A soft mask in the forward (our earlier design) does not work: B and A re-grow any
+    scaled-down component, so a head reported at rank 1 had an update of full numerical rank and ℓ1
+    did not penalise rank. Shapes never change (the optimizer state stays valid).
 
     Parameters: ``A`` (heads · r0, in) = ``[A_1; …; A_H]`` (one GEMM for all heads), ``B`` (out, r0)
     = ``[B_1; …; B_H]`` (applied block-diagonally: head h's A-rows feed only head h's B-rows),
@@ -75,10 +106,9 @@ class ARDLoRA(Adapter):
     Defaults: ``rank`` r0 = 8, ``alpha`` 16 (LoRA's scale ``alpha / r0``; the paper does not give
     them), ``heads`` 1 (per layer: the allocator then has one scale per layer and needs no head
     layout; use the model's head count for the paper's per-head scales), ``temperature`` τ = 0.5
-    (not in the paper: mask entries more than 2.5 components from the boundary ``r0 α + ½`` are
-    within 0.7% of 0 or 1, so about two components on each side get gradient; a smaller τ sharpens
-    the mask but starves α of gradient). With α = 1 the top component is scaled by
-    ``sigmoid(½ / τ) ≈ 0.73``; B and A absorb that.
+    (not in the paper; only the straight-through gradient uses it: soft-mask entries more than 2.5
+    components from the boundary ``r0 α + ½`` are within 0.7% of 0 or 1, so about two components on
+    each side of the boundary pass gradient to α; a smaller τ starves α of gradient).
 
     Shapes: x (..., in) -> (..., out).
 
@@ -87,7 +117,7 @@ class ARDLoRA(Adapter):
         rank: r0, the maximal rank per head.
         alpha: scale numerator (``alpha / rank``).
         heads: head blocks of the output rows; must divide out_features.
-        temperature: τ of the soft rank mask (> 0).
+        temperature: τ of the straight-through (soft) rank mask's gradient (> 0).
         dropout: dropout probability on the adapter's input.
 
     Example:
@@ -99,8 +129,9 @@ class ARDLoRA(Adapter):
     method = "ardlora"
     paper = "https://arxiv.org/abs/2506.18267"
     formula = "heads * rank * (in + out / heads) + heads"
-    # LoRA's default: A and B are LoRA's factors; under Adam α moves at most ~lr per step, so at 1e-3
-    # a head can go from r0 to rank 1 in (1 - 1/r0) / lr ≈ 900 steps, within a usual fine-tuning run.
+    # LoRA's default: A and B are LoRA's factors; under Adam α moves at most ~lr per step (times the
+    # allocator's lr_scale, 10 by default), so at 1e-3 a head can go from r0 = 8 to rank 1 in
+    # (1 - 1/r0) / (10 lr) ≈ 90 steps, well within a one-epoch run.
     default_lr = 1e-3
     size_option = "rank"
 
@@ -147,11 +178,11 @@ class ARDLoRA(Adapter):
         nn.init.ones_(self.rank_scale)
 
     def mask(self) -> Tensor:
-        """The soft rank mask ``m(α_h)`` of every head: (H, r0)."""
-        return soft_rank_mask(self.rank_scale, self.rank, self.temperature)
+        """The hard rank mask of every head, straight-through to α (``rank_mask``): (H, r0)."""
+        return rank_mask(self.rank_scale, self.rank, self.temperature)
 
     def effective_ranks(self) -> Tensor:
-        """``max(1, round(r0 · α_h))`` per head (int64, (H,)); reported, not used in the forward."""
+        """``max(1, round(r0 · α_h))`` per head (int64, (H,)): the components the forward keeps."""
         return effective_ranks(self.rank_scale, self.rank)
 
     def effect(self, x: Tensor) -> Tensor:
