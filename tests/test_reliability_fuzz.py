@@ -549,7 +549,7 @@ ALLOCATOR_SPACES: dict[str, dict[str, Opt]] = {
         "name": NAME,
         "ddp_rewrap": BOOL,
     },
-    "ardlora": {"l1": number(0.0, 1.0), "tv": number(0.0, 1.0), "name": NAME},
+    "ardlora": {"l1": number(0.0, 1.0), "tv": number(0.0, 1.0), "lr_scale": number(0.0, 100.0), "name": NAME},
 }
 STEPS = Opt("int", st.integers(1, 8))
 
