@@ -39,6 +39,7 @@ from torch import nn
 
 import loraplex
 from loraplex.adapters import METHODS
+from loraplex.inject import bind_options
 from loraplex.io import read_tensors
 from loraplex.peft_io import PREFIX, _layer_config
 
@@ -61,6 +62,9 @@ class Case:
     ``residual``: the init rewrites the base weight (PiSSA, OLoRA): PEFT's checkpoint needs that base,
     so import refuses it, and our export is PEFT's converted rank-2r LoRA on the original base.
     ``x_grad_bug``: PEFT's input gradient is wrong (C3A, upstream).
+    ``imports_as``: our options for the adapter ``import_peft`` builds from PEFT's checkpoint, where
+    they differ from ``options`` (an init only matters at creation; GraLoRA's official convention
+    comes back as PEFT's).
     """
 
     id: str
@@ -71,6 +75,7 @@ class Case:
     residual: bool = False
     x_grad_bug: bool = False
     per_layer: dict[str, dict[str, Any]] = field(default_factory=dict)  # our options that differ by layer
+    imports_as: dict[str, Any] | None = None  # the options import_peft gives, where not ``options``
 
     def ours(self, base: nn.Module) -> nn.Module:
         model = copy.deepcopy(base)
@@ -107,6 +112,7 @@ CASES = [
         {"rank": 3, "alpha": 5, "init": "gaussian"},
         "LoraConfig",
         {"r": 3, "lora_alpha": 5, "init_lora_weights": "gaussian"},
+        imports_as={"rank": 3, "alpha": 5},
     ),
     Case(
         "pissa",
@@ -152,6 +158,7 @@ CASES = [
         {"rank": 6, "alpha": 8, "k": 2, "hybrid_rank": 2, "convention": "official"},
         "GraloraConfig",
         {"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2},
+        imports_as={"rank": 4, "alpha": 8, "k": 2, "hybrid_rank": 2},  # PEFT's convention: the grid's rank
     ),
     Case("c3a", "c3a", {"block_size": 2}, "C3AConfig", {"block_size": 2}),  # b = 2: PEFT's x-gradient is right
     Case(
@@ -163,7 +170,7 @@ CASES = [
         x_grad_bug=True,
         per_layer={"fc1": {"block_size": 4}},
     ),
-    Case("miss", "miss", {"rank": 4}, "MissConfig", {"r": 4}),
+    Case("miss", "miss", {"rank": 4}, "MissConfig", {"r": 4, "init_weights": True}),
     Case(
         "miss-mini",
         "miss",
@@ -384,6 +391,13 @@ def test_import_reads_peft_checkpoints_and_exports_them_back(twin: Case, tmp_pat
     torch.testing.assert_close(ours(x), theirs(x), **TOL)
     found = loraplex.adapters(ours)
     assert [(n, type(a)) for n, a in found] == [(n, METHODS[twin.method]) for n in TARGETS]
+    native_scales = {n: getattr(a, "scale", getattr(a, "scaling", None)) for n, a in loraplex.adapters(twin.ours(base))}
+    for n, a in found:
+        want = bind_options(
+            twin.method, (twin.options if twin.imports_as is None else twin.imports_as) | twin.per_layer.get(n, {})
+        )
+        assert a.options == want, n
+        assert getattr(a, "scale", getattr(a, "scaling", None)) == pytest.approx(native_scales[n]), n
     assert all(p.requires_grad for p in ours.classifier.parameters())
     loraplex.export_peft(ours, tmp_path / "back")  # PEFT -> ours -> PEFT: the very tensors PEFT saved
     saved, again = (read_tensors(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "back"))
