@@ -99,8 +99,8 @@ def peft_params(theirs: nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("d_in", "d_out", "r", "alpha", "rows"),
-    [(384, 384, 8, 8.0, 512), (384, 1536, 16, 4.0, 64), (12, 20, 4, 8.0, 3), (13, 29, 2, 3.0, 1)],
-)
+    [(384, 384, 8, 8.0, 512), (384, 1536, 16, 4.0, 64), (13, 29, 2, 3.0, 1)],
+)  # (12, 20, 4, 8.0): fc1 of test_peft_parity.py's loha case
 def test_same_parameters_same_outputs_delta_and_gradients_as_peft(
     d_in: int, d_out: int, r: int, alpha: float, rows: int
 ) -> None:

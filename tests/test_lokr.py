@@ -186,12 +186,7 @@ def test_import_reads_peft_checkpoints_with_patterns(tmp_path, config: dict) -> 
     torch.testing.assert_close(again(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-def test_import_with_a_factored_w1(tmp_path) -> None:
-    base = MODELS[1].make()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoKrConfig(r=1, decompose_both=True, target_modules=["up"]))
-    ours = import_from_peft(theirs.eval(), base, tmp_path)
-    x = MODELS[1].input()
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+# A factored w1 (r = 1, decompose_both) imported from PEFT: test_peft_parity.py, case lokr-both.
 
 
 def test_conv1d_layers_adapt_but_do_not_export() -> None:
