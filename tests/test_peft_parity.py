@@ -5,7 +5,7 @@ non-square, and a ``classifier`` trained in full, PEFT's ``modules_to_save``) on
 and once with ``peft.get_peft_model`` and the matching config. Our perturbed parameters travel to
 PEFT through our export (``to_peft`` tensors, loaded by PEFT's ``set_peft_model_state_dict``), then:
 
-* ``outputs``: the same forward;
+* ``outputs``: the same forward (a small batch and a large one);
 * ``delta``: ΔW equal to PEFT's ``get_delta_weight`` and to PEFT's merged weight minus its base;
 * ``param_grads``: the gradients of every trainable tensor (ours mapped to PEFT's names through
   the ``to_peft`` keys, whose tensors are views of our parameters);
@@ -311,8 +311,9 @@ def peft_delta(layer: nn.Module) -> torch.Tensor:
 @ids
 def test_outputs(twin: Case) -> None:
     ours, theirs = pair(twin)
-    x = SPEC.input()
-    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    many = torch.randn(3, 40, 12, generator=torch.Generator().manual_seed(6))  # 120 rows: C3A's merged-weight path
+    for x in (SPEC.input(), many):
+        torch.testing.assert_close(ours(x), theirs(x), **TOL)
 
 
 @ids
