@@ -46,7 +46,8 @@ class C3A(Adapter):
     **Training does not match PEFT** (our decision: keep the correct gradient; issue 18). PEFT 0.21.2's
     C3A input gradient is wrong: its ``BlockCircularConvolution.backward`` returns an x-gradient that
     is not dense autograd's (relative error 0.46 on a 12 -> 20 layer with b = 4;
-    ``torch.autograd.gradcheck`` fails on it), while its outputs, kernel gradient and ``ΔW`` are right.
+    ``torch.autograd.gradcheck`` fails on it; at ``b <= 2``, whose blocks are symmetric, it agrees to
+    1e-7: tests/test_peft_parity.py), while its outputs, kernel gradient and ``ΔW`` are right.
     Ours is the gradient of ``x (W0 + ΔW)^T`` (pinned against dense autograd and by ``gradcheck`` in
     ``tests/test_c3a.py``). Outputs, ``ΔW`` and checkpoints match PEFT both ways, but every gradient
     that flows back through a C3A layer (to the layers and adapters below it) differs, so a run trained
