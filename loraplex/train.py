@@ -32,6 +32,7 @@ from loraplex.io import load, save, tensors_of, write_json, write_text
 from loraplex.models import default_model_path
 from loraplex.optim.registry import OPTIMIZERS
 from loraplex.rank import ALLOCATORS
+from loraplex.rank.base import Allocator
 from loraplex.rank.report import adapter_ranks, heatmap
 from loraplex.rank.report import table as rank_table
 
@@ -393,7 +394,52 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise
 
 
+@dataclass
+class _Run:
+    """What :func:`_build` sets up and :func:`_loop` / :func:`_finish` use (``wrapped`` is re-wrapped in the loop)."""
+
+    cfg: FinetuneConfig
+    world: World
+    device: torch.device
+    out: Path
+    ckpt: Path
+    tokenizer: Any
+    model: nn.Module
+    wrapped: nn.Module
+    train: Split
+    test: Split
+    names: list[str]
+    rows_train: list[dict[str, list[int]]]
+    rows_test: list[dict[str, list[int]]]
+    steps_per_epoch: int
+    total: int
+    trainable: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    allocator: Allocator | None
+    start_step: int
+
+
+@dataclass
+class _Trained:
+    """What :func:`_loop` leaves: the per-step losses, the training time, the last checkpoint's step."""
+
+    losses: list[float]
+    train_seconds: float
+    good: int | None
+    stopped_at: int | None = None  # the step ``stop_after`` ended the run at
+
+
 def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    run = _build(cfg)
+    trained = _loop(run)
+    if trained.stopped_at is not None:
+        return {"stopped_at": trained.stopped_at}
+    return _finish(run, trained)
+
+
+def _build(cfg: FinetuneConfig) -> _Run:
+    """Check the config, start the processes, load data and model, adapt it; optimizer, schedule, allocator."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -450,17 +496,45 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if world.main:
         what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
         print(what + (f", resumed at step {start_step}" if start_step else ""), flush=True)
-    every = cfg.checkpoint_every or steps_per_epoch
+    return _Run(
+        cfg=cfg,
+        world=world,
+        device=device,
+        out=out,
+        ckpt=ckpt,
+        tokenizer=tokenizer,
+        model=model,
+        wrapped=wrapped,
+        train=train,
+        test=test,
+        names=names,
+        rows_train=rows_train,
+        rows_test=rows_test,
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        trainable=trainable,
+        opt=opt,
+        sched=sched,
+        allocator=allocator,
+        start_step=start_step,
+    )
+
+
+def _loop(run: _Run) -> _Trained:
+    """The training steps from ``run.start_step``: checkpoints, the non-finite guard, ``stop_after``."""
+    cfg, world, model, ckpt, total = run.cfg, run.world, run.model, run.ckpt, run.total
+    opt, sched, allocator, start_step = run.opt, run.sched, run.allocator, run.start_step
+    every = cfg.checkpoint_every or run.steps_per_epoch
     good = start_step if cfg.resume else None  # the step of the last checkpoint this run wrote or read
     bar = _progress(total, start_step, cfg.progress and world.main)
     losses: list[float] = []
-    step, clock = start_step, time.perf_counter()
+    clock = time.perf_counter()
     for step in range(start_step, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        wrapped.train()
+        epoch, k = divmod(step, run.steps_per_epoch)
+        run.wrapped.train()
         before = torch.get_rng_state()  # dropout's; nothing in a step draws from Python's or NumPy's generators
-        idx = batch_indices(cfg.seed, epoch, k, len(rows_train), cfg.batch_size, world)
-        loss = wrapped(**_collate(tokenizer, rows_train, train.labels, idx, device)).loss
+        idx = batch_indices(cfg.seed, epoch, k, len(run.rows_train), cfg.batch_size, world)
+        loss = run.wrapped(**_collate(run.tokenizer, run.rows_train, run.train.labels, idx, run.device)).loss
         if not world.all_finite(loss):
             if not cfg.fsdp and good != step and not nonfinite(tensors_of(model)):
                 torch.set_rng_state(before)  # saved with the weights from before this step: resuming replays it
@@ -480,7 +554,7 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if allocator is not None:
             allocator.step(opt)
             if allocator.resized and world.size > 1:
-                wrapped = _wrap(model, world, device, cfg.fsdp)  # DDP must see the new parameters
+                run.wrapped = _wrap(model, world, run.device, cfg.fsdp)  # DDP must see the new parameters
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -501,43 +575,48 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             world.barrier()
             if bar is not None:
                 bar.close()
-            return {"stopped_at": done}
+            return _Trained(losses, time.perf_counter() - clock, good, stopped_at=done)
     if bar is not None:
         bar.close()
-    train_seconds = time.perf_counter() - clock
+    return _Trained(losses, time.perf_counter() - clock, good)
+
+
+def _finish(run: _Run, trained: _Trained) -> dict[str, Any]:
+    """Check and gather the weights, evaluate on the test split; save adapter, ranks, checkpoint, metrics."""
+    cfg, world, model, device, total, losses = run.cfg, run.world, run.model, run.device, run.total, trained.losses
     tensors = full_tensors(tensors_of(model))  # FSDP: gathered on every process; else as they are
-    _check_weights(tensors, total, total, losses[-1] if losses else math.nan, ckpt, good, cfg.fsdp)
+    _check_weights(tensors, total, total, losses[-1] if losses else math.nan, run.ckpt, trained.good, cfg.fsdp)
     in_sync = world.in_sync(tensors)
     if not in_sync:
         raise RuntimeError("the processes ended with different adapter weights")
-    steps_run = max(1, total - start_step)
-    metrics = evaluate(model, tokenizer, rows_test, test.labels, len(names), cfg.batch_size * 2, device)
+    steps_run = max(1, total - run.start_step)
+    metrics = evaluate(model, run.tokenizer, run.rows_test, run.test.labels, len(run.names), cfg.batch_size * 2, device)
     metrics.update(
-        trainable_params=trainable,
+        trainable_params=run.trainable,
         steps=total,
-        train_seconds=round(train_seconds, 2),
-        ms_per_step=round(1000 * train_seconds / steps_run, 1),
+        train_seconds=round(trained.train_seconds, 2),
+        ms_per_step=round(1000 * trained.train_seconds / steps_run, 1),
         peak_memory_mib=round(peak_memory_mib(device), 1),
         peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         final_loss=sum(losses[-cfg.log_every :]) / max(1, len(losses[-cfg.log_every :])),
         losses=[round(v, 5) for v in losses],  # per step of this invocation (loss curves)
         processes=world.size,
         ranks_in_sync=in_sync,
-        labels=names,
+        labels=run.names,
         config=asdict(cfg),
     )
-    ranks = allocator.ranks() if allocator is not None else adapter_ranks(model)
+    ranks = run.allocator.ranks() if run.allocator is not None else adapter_ranks(model)
     metrics["ranks"] = ranks
     if world.main:
-        save(model, out, tensors)
+        save(model, run.out, tensors)
         if cfg.allocator != "none" and ranks:
-            write_text(out / "ranks.md", rank_table(ranks) + "\n")
-            heatmap(ranks, out / "ranks.png", title=f"{cfg.method} / {cfg.allocator}: final ranks")
+            write_text(run.out / "ranks.md", rank_table(ranks) + "\n")
+            heatmap(ranks, run.out / "ranks.png", title=f"{cfg.method} / {cfg.allocator}: final ranks")
             print(rank_table(ranks))
         if not cfg.fsdp:
-            save_checkpoint(ckpt, model, opt, sched, total, allocator)
-        write_json(out / "metrics.json", metrics)
-        print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {out})")
+            save_checkpoint(run.ckpt, model, run.opt, run.sched, total, run.allocator)
+        write_json(run.out / "metrics.json", metrics)
+        print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {run.out})")
     world.barrier()
     return metrics
 
