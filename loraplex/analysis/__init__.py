@@ -1,6 +1,6 @@
 """Spectral analysis of weights and adapter updates: pure statistics (:mod:`.spectra`) and a model-wide report."""
 
-from loraplex.analysis.spectra import (
+from loraplex.linalg import (
     effective_rank,
     energy_rank,
     numerical_rank,

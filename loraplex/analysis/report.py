@@ -28,16 +28,16 @@ import torch
 from torch import nn
 
 from loraplex.adapter import Adapter, is_linear, root_layer, weight_of
-from loraplex.analysis.spectra import (
+from loraplex.compression.layers import LOW_RANK_LAYERS
+from loraplex.inject import Targets, _head_names, adapters, match
+from loraplex.io import write_figure
+from loraplex.linalg import (
     check_energy,
     effective_rank,
     energy_rank,
     singular_values,
     stable_rank,
 )
-from loraplex.compression.layers import LOW_RANK_LAYERS
-from loraplex.inject import Targets, _head_names, adapters, match
-from loraplex.io import write_figure
 
 Row = dict[str, Any]
 _BLOCK = re.compile(r"\.(\d+)\.")  # "encoder.layer.3.attention" -> block 3
@@ -255,7 +255,7 @@ def load_model(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | N
 
     from loraplex.compression.io import is_compressed, load_compressed
     from loraplex.io import TENSOR_FILE, load, read_spec, read_tensors
-    from loraplex.train import model_path
+    from loraplex.models import model_path
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

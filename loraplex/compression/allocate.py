@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from loraplex.adapter import check_fraction
-from loraplex.analysis.spectra import energy_rank
+from loraplex.linalg import energy_rank
 
 DENSE = -1  # the "rank" of a layer left as it is
 EXACT_LIMIT = 2 * 10**8  # cells of the dynamic-programming table (budget units x options) solved exactly
@@ -76,7 +76,7 @@ class LayerSpectrum:
 def by_energy(layers: Sequence[LayerSpectrum], energy: float) -> dict[str, int]:
     """Each layer's energy rank, or ``DENSE`` where that rank saves no parameters.
 
-    The energy rank is :func:`loraplex.analysis.spectra.energy_rank` of the spectrum ``sqrt(energies)``,
+    The energy rank is :func:`loraplex.linalg.energy_rank` of the spectrum ``sqrt(energies)``,
     at least 1 (a zero layer keeps one component).
     """
     check_fraction("energy", energy)

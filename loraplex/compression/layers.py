@@ -11,9 +11,9 @@ Shared by one-shot compression (LoRD, :mod:`loraplex.compression.lord`) and low-
   convolution ``rank -> out`` carrying the bias. ``W`` of shape ``(N, C, kh, kw)`` is factorised
   as the matrix ``(N, C * kh * kw)``.
 
-The two factors split the singular values evenly, ``U_r Σ_r^½`` and ``Σ_r^½ V_rᵀ``, as TRP's
-``decompose.py`` and Cuttlefish's ``decompose_weights`` do; by Eckart–Young the product is the best
-rank-``r`` approximation in Frobenius (and spectral) norm, with error ``sqrt(Σ_{i>r} σ_i²)``.
+The two factors split the singular values evenly, ``U_r Σ_r^½`` and ``Σ_r^½ V_rᵀ``
+(:func:`loraplex.linalg.svd_factors`; ``svd``, ``split_factors``, ``svd_factors`` and ``check_rank``
+live in :mod:`loraplex.linalg` and are re-exported here).
 
 Both layers are plain ``nn.Module`` trees of ``nn.Linear`` / ``nn.Conv2d``, so adapters can be put
 on their parts afterwards (LoRD followed by LoRA) and ``state_dict`` holds only ordinary tensors.
@@ -24,39 +24,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from loraplex.linalg import check_rank, split_factors, svd, svd_factors
 
-def svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of a matrix in float64 (float32 on accelerators): ``(U, S, Vh)``, ``S`` descending."""
-    x = w.detach().reshape(w.shape[0], -1)
-    x = x.double() if x.device.type == "cpu" else x.float()
-    return torch.linalg.svd(x, full_matrices=False)
-
-
-def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``(U_r Σ_r^½, Σ_r^½ V_rᵀ)`` of shapes ``(out, rank)`` and ``(rank, in)``."""
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
-def svd_factors(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The best rank-``rank`` factors of ``w`` (matrix, or conv weight viewed as ``(N, C*kh*kw)``).
-
-    >>> w = torch.randn(6, 4)
-    >>> up, down = svd_factors(w, 4)
-    >>> torch.allclose(up @ down, w.double(), atol=1e-10)
-    True
-    """
-    check_rank(rank, w.shape[0], w[0].numel())
-    u, s, vh = svd(w)
-    return split_factors(u, s, vh, rank)
-
-
-def check_rank(rank: int, out_features: int, in_features: int) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(
-            f"rank={rank!r} must be an integer in [1, min(out, in)] = [1, {min(out_features, in_features)}] "
-            f"for a ({out_features}, {in_features}) weight"
-        )
+__all__ = [
+    "LOW_RANK_LAYERS",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "break_even_rank",
+    "check_rank",
+    "factorize",
+    "lowrank_params",
+    "split_factors",
+    "svd",
+    "svd_factors",
+]
 
 
 def lowrank_params(in_features: int, out_features: int, rank: int) -> int:

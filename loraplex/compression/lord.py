@@ -52,8 +52,9 @@ from torch import Tensor, nn
 
 from loraplex.adapter import check_finite, check_fraction, is_linear, weight_of
 from loraplex.compression.allocate import DENSE, LayerSpectrum, by_energy, by_rank, by_ratio, by_uniform_ratio
-from loraplex.compression.layers import LowRankLinear, split_factors, svd
+from loraplex.compression.layers import LowRankLinear
 from loraplex.inject import Targets, resolve
+from loraplex.linalg import split_factors, svd
 
 METHODS = ("svd", "activation", "kronecker", "hadamard")
 STRUCTURED = ("kronecker", "hadamard")

@@ -25,7 +25,7 @@ from loraplex.compression.lord import plan
 from loraplex.compression.quality import embed, head_accuracy, mean_cosine
 from loraplex.data import load_splits
 from loraplex.io import save_pretrained, write_json, write_text
-from loraplex.train import model_path
+from loraplex.models import model_path
 
 
 def load_encoder(path: Path) -> nn.Module:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from loraplex.compression.layers import split_factors
+from loraplex.linalg import split_factors
 
 INITS = ("svd", "random")
 

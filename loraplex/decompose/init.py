@@ -29,10 +29,10 @@ from loraplex.adapter import Adapter
 from loraplex.adapters.loha import LoHa
 from loraplex.adapters.lokh import LoKH
 from loraplex.adapters.lokr import LoKr
-from loraplex.compression.layers import svd_factors
 from loraplex.decompose.hadamard import hadamard_als
 from loraplex.decompose.kronecker import kronecker_ranked, nearest_kronecker, rearrange
 from loraplex.inject import adapters
+from loraplex.linalg import svd_factors
 from loraplex.rank.gora import average_gradients
 
 METHODS = ("loha", "lokr", "lokh")

@@ -3,7 +3,7 @@ switch to factorised layers, Frobenius decay) and LoRAE (a nuclear-norm-penalise
 
 from loraplex.lowrank.cuttlefish import Cuttlefish, stable_rank
 from loraplex.lowrank.lorae import Autoencoder, LowRankLatent, nuclear_penalty
-from loraplex.lowrank.trp import TRP, energy_rank, value_rank  # energy_rank: loraplex.analysis.spectra's
+from loraplex.lowrank.trp import TRP, energy_rank, value_rank  # energy_rank, value_rank: loraplex.linalg's
 
 __all__ = [
     "TRP",

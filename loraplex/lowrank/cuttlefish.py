@@ -39,12 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_finite, check_int, check_nonnegative
-from loraplex.analysis.spectra import floored_stable_rank
 from loraplex.compression.layers import LOW_RANK_LAYERS, break_even_rank, factorize
+from loraplex.linalg import floored_stable_rank
 from loraplex.lowrank.trp import find_targets, set_submodule
 
 # Cuttlefish's floored stable rank ``floor(Σ σ_i² / σ_max²)`` of ``w`` as ``(d_out, -1)`` (0 for zero), floored
-# with a relative tolerance; it lives in :mod:`loraplex.analysis.spectra`, this name is ``loraplex.lowrank``'s.
+# with a relative tolerance; it lives in :mod:`loraplex.linalg`, this name is ``loraplex.lowrank``'s.
 stable_rank = floored_stable_rank
 
 

@@ -31,18 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_finite, check_fraction, check_int, check_nonnegative
-from loraplex.analysis.spectra import energy_rank
-from loraplex.compression.layers import break_even_rank, factorize, svd
+from loraplex.compression.layers import break_even_rank, factorize
 from loraplex.inject import match
-
-
-def value_rank(s: Tensor, threshold: float) -> int:
-    """``#{σ_i > threshold}``, at least 1 (a layer is never removed).
-
-    >>> value_rank(torch.tensor([1.0, 0.06, 0.05, 0.01]), 0.05)
-    2
-    """
-    return max(1, int((s > threshold).sum()))
+from loraplex.linalg import energy_rank, svd, value_rank
 
 
 def truncate(w: Tensor, energy: float) -> tuple[Tensor, Tensor, int]:
