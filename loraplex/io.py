@@ -234,6 +234,23 @@ def only(spec: dict[str, Any], tensors: dict[str, Tensor], name: str) -> tuple[d
     return {**spec, "adapters": entries, "train": []}, {k: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def pick_saved(spec: dict[str, Any], name: str, where: Path, source: str | None = None) -> str:
+    """Which saved adapter ``load(..., name=name)`` / ``hotswap(..., name=name, source=source)`` reads.
+
+    ``source`` when given (it must be saved), else the saved adapter called ``name``, else the only one saved.
+    """
+    saved = saved_names(spec)
+    if source is not None:
+        if source not in saved:
+            raise ValueError(f"{where}: source={source!r} is not a saved adapter; it holds {saved}")
+        return source
+    if name in saved:
+        return name
+    if len(saved) == 1:
+        return saved[0]
+    raise ValueError(f"{where} holds adapters {saved} and none is called name={name!r}: pass source=")
+
+
 def select(
     spec: dict[str, Any], tensors: dict[str, Tensor], name: str, where: Path
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -243,13 +260,7 @@ def select(
     """
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ValueError(f"name={name!r} must be letters, digits, '_' or '-'")
-    saved = saved_names(spec)
-    if name in saved:
-        source = name
-    elif len(saved) == 1:
-        source = saved[0]
-    else:
-        raise ValueError(f"{where} holds adapters {saved} and none is called name={name!r}")
+    source = pick_saved(spec, name, where)
     entries = [{**e, "name": name} for e in spec["adapters"] if e.get("name", "default") == source]
     prefix = f"adapter.{source}."
     kept = {f"adapter.{name}.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
