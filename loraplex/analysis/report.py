@@ -36,8 +36,8 @@ from loraplex.analysis.spectra import (
     stable_rank,
 )
 from loraplex.compression.layers import LOW_RANK_LAYERS
+from loraplex.files import write_figure
 from loraplex.inject import Targets, _head_names, adapters, match
-from loraplex.io import write_figure
 
 Row = dict[str, Any]
 _BLOCK = re.compile(r"\.(\d+)\.")  # "encoder.layer.3.attention" -> block 3
@@ -254,7 +254,8 @@ def load_model(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | N
     from transformers.utils import logging as hf_logging
 
     from loraplex.compression.io import is_compressed, load_compressed
-    from loraplex.io import TENSOR_FILE, load, read_spec, read_tensors
+    from loraplex.files import read_tensors
+    from loraplex.io import TENSOR_FILE, load, read_spec
     from loraplex.train import model_path
 
     hf_logging.set_verbosity_error()
