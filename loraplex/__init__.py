@@ -6,20 +6,20 @@ from loraplex.adapters import METHODS
 from loraplex.combine import combine
 from loraplex.compression import compress, load_compressed, save_compressed
 from loraplex.convert import to_lora
-from loraplex.inject import (
+from loraplex.inject import adapt, adapters, advance, track_steps
+from loraplex.io import load, save
+from loraplex.named import (
     activate,
-    adapt,
     adapter_names,
-    adapters,
-    advance,
     disabled,
+    enable_adapter_names,
+    hotswap,
     merge,
+    mixed_batch,
+    prepare_hotswap,
     remove,
-    track_steps,
     unload,
 )
-from loraplex.io import load, save
-from loraplex.multi import enable_adapter_names, hotswap, mixed_batch, prepare_hotswap
 from loraplex.peft_io import export_peft, import_peft
 
 __all__ = [

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loraplex.io import read_json, read_tensors, save, write_json, write_tensors
+from loraplex.files import read_json, read_tensors, write_json, write_tensors
+from loraplex.io import save
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"

@@ -76,8 +76,9 @@ from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, check_choice, restoring, root_layer
 from loraplex.convert import check_lora_layer, truncate
-from loraplex.inject import NAME_RE, adapter_names, add_trained, bind_options, build, layers
+from loraplex.inject import NAME_RE, add_trained, bind_options, build, layers
 from loraplex.linalg import numerical_rank
+from loraplex.named import adapter_names
 
 COMBINATIONS = ("svd", "linear", "cat")
 

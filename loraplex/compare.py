@@ -31,8 +31,8 @@ from torch import nn
 
 from loraplex.adapter import restoring
 from loraplex.adapters import METHODS
+from loraplex.files import write_figure, write_json, write_text
 from loraplex.inject import Targets, bind_options, layers, resolve
-from loraplex.io import write_figure, write_json, write_text
 
 SIZE_RANGE = range(1, 4097)
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, restoring
 from loraplex.adapters import METHODS
+from loraplex.files import read_json, read_tensors, write_json, write_tensors
 from loraplex.inject import adapters, add_trained, bind_options, build, layers, match, trained_modules
-from loraplex.io import read_json, read_tensors, write_json, write_tensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

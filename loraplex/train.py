@@ -27,8 +27,9 @@ from torch import nn
 from loraplex.adapters import METHODS
 from loraplex.checkpoint import load_checkpoint, recover, save_checkpoint
 from loraplex.data import Split, load_splits
+from loraplex.files import write_json, write_text
 from loraplex.inject import Targets, adapt, add_trained, advance, count_trainable
-from loraplex.io import load, save, tensors_of, write_json, write_text
+from loraplex.io import load, save, tensors_of
 from loraplex.models import default_model_path
 from loraplex.optim.registry import OPTIMIZERS
 from loraplex.rank import ALLOCATORS

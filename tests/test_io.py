@@ -91,7 +91,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(saved, tmp_path) -> None:
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import safetensors.torch as st
-        import loraplex.io as io
+        import loraplex.files as files
         from matrix import MODELS
         import loraplex
         model = loraplex.adapt(MODELS[0].make(), "lora", rank=2, train=["classifier"])
@@ -99,7 +99,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(saved, tmp_path) -> None:
         def dying(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)
             os.kill(os.getpid(), signal.SIGKILL)  # after the temporary file, before the rename
-        io.save_file = dying
+        files.save_file = dying
         loraplex.save(model, {str(d)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)

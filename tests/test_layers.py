@@ -22,15 +22,16 @@ import loraplex
 
 # (room, module prefixes), lowest first.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
-    # pure helpers: linear algebra, where data and models come from; nothing from loraplex
-    ("ground", ("loraplex.linalg", "loraplex.models", "loraplex.data", "loraplex._version")),
+    # pure helpers: linear algebra, where data and models come from, file writing; nothing from loraplex
+    ("ground", ("loraplex.linalg", "loraplex.models", "loraplex.data", "loraplex.files", "loraplex._version")),
     ("adapter", ("loraplex.adapter",)),  # the Adapter base class and the argument checks
     ("adapters", ("loraplex.adapters",)),  # the methods
     ("inject", ("loraplex.inject",)),  # adapt / targets
     ("io", ("loraplex.io", "loraplex.checkpoint", "loraplex.peft_io")),  # saving and loading
+    ("named", ("loraplex.named",)),  # named adapters: activate, remove, merge, mixed batches, hot-swap
     ("rank", ("loraplex.rank",)),  # rank allocators
     ("optim", ("loraplex.optim",)),  # optimisers and the --optimizer registry
-    ("convert", ("loraplex.convert", "loraplex.combine", "loraplex.multi")),  # adapters to adapters
+    ("convert", ("loraplex.convert", "loraplex.combine")),  # adapters to adapters
     ("decompose", ("loraplex.decompose",)),  # a weight into adapter-shaped factors
     ("compression", ("loraplex.compression",)),  # LoRD and its workbench
     ("lowrank", ("loraplex.lowrank",)),  # low-rank training (TRP, Cuttlefish, LoRA-E)

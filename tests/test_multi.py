@@ -16,7 +16,7 @@ from matrix import CASES, MODELS, Case
 from torch import nn
 
 import loraplex
-from loraplex.multi import enable_adapter_names, hotswap, mixed_batch, prepare_hotswap
+from loraplex.named import enable_adapter_names, hotswap, mixed_batch, prepare_hotswap
 
 MODEL = {m.name: m for m in MODELS}
 # One case per method (the first in the matrix): the routing is generic, and the file stays fast.
@@ -379,7 +379,7 @@ def test_swap_picks_a_named_source(tmp_path: Path) -> None:
     target = copy.deepcopy(model)
     perturb(target, "a", seed=7)
     other = loraplex.adapt(MODEL["mlp"].make(), "lora", rank=2, name="c")
-    with pytest.raises(ValueError, match=r"holds adapters \['a', 'b'\] and none is called 'c'"):
+    with pytest.raises(ValueError, match=r"holds adapters \['a', 'b'\] and none is called name='c': pass source="):
         hotswap(other, both, name="c")
     with torch.no_grad():
         hotswap(target, both, name="a")  # the saved "a" by default

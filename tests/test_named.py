@@ -16,7 +16,8 @@ from torch import nn
 import loraplex
 from loraplex.adapter import Adapter, weight_of
 from loraplex.combine import combine
-from loraplex.inject import activate, adapter_names, layers, reads_base, remove
+from loraplex.inject import layers
+from loraplex.named import activate, adapter_names, reads_base, remove
 
 MLP = MODELS[0]
 A_OPTS = {"rank": 2, "alpha": 4}  # the companion adapter "a": a plain LoRA stacks on and under every method

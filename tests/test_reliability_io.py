@@ -415,12 +415,12 @@ import os, sys, threading, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import torch
-import loraplex, loraplex.io
+import loraplex, loraplex.files, loraplex.io
 from loraplex.checkpoint import save_checkpoint
 from matrix import MODELS, perturb
 
 root = Path({root!r})
-real_save, real_text, real_rename = loraplex.io.save_file, Path.write_text, Path.rename
+real_save, real_text, real_rename = loraplex.files.save_file, Path.write_text, Path.rename
 
 def stop(where):
     (root / (where + ".inside")).touch()
@@ -448,7 +448,7 @@ def slow_rename(self, target):
         stop("checkpoint-between")
     return out
 
-loraplex.io.save_file = slow_save_file
+loraplex.files.save_file = slow_save_file
 Path.write_text = slow_write_text
 Path.rename = slow_rename
 
@@ -582,7 +582,7 @@ IN_PLACE = re.compile(
     r"\btorch\.save\(|\bopen\([^)]*['\"][wax]b?\+?['\"]"
 )
 # the atomic helpers themselves
-ALLOWED = {"loraplex/io.py"}
+ALLOWED = {"loraplex/files.py"}
 
 
 def test_every_write_in_the_package_and_benchmarks_is_atomic() -> None:
@@ -593,7 +593,7 @@ def test_every_write_in_the_package_and_benchmarks_is_atomic() -> None:
             code = line.split("#", 1)[0]
             if rel not in ALLOWED and IN_PLACE.search(code) and '"""' not in line and "``" not in line:
                 found.append(f"{rel}:{n}: {line.strip()}")
-    assert not found, "writes that bypass loraplex.io's atomic helpers:\n" + "\n".join(found)
+    assert not found, "writes that bypass loraplex.files' atomic helpers:\n" + "\n".join(found)
 
 
 def test_write_figure_and_save_pretrained_leave_no_temporary_files(tmp_path: Path) -> None:

@@ -29,8 +29,8 @@ from torch import nn
 
 from loraplex.adapter import Adapter, is_linear, root_layer, weight_of
 from loraplex.compression.layers import LOW_RANK_LAYERS
+from loraplex.files import write_figure
 from loraplex.inject import Targets, _head_names, adapters, match
-from loraplex.io import write_figure
 from loraplex.linalg import (
     check_energy,
     effective_rank,
@@ -254,7 +254,8 @@ def load_model(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | N
     from transformers.utils import logging as hf_logging
 
     from loraplex.compression.io import is_compressed, load_compressed
-    from loraplex.io import TENSOR_FILE, load, read_spec, read_tensors
+    from loraplex.files import read_tensors
+    from loraplex.io import TENSOR_FILE, load, read_spec
     from loraplex.models import model_path
 
     hf_logging.set_verbosity_error()

@@ -11,9 +11,10 @@ A compressed folder holds:
 
 Every file is written atomically (temporary file in the folder, fsync, rename), the JSON last, so a
 folder with a ``compression.json`` is complete; the JSON holds the SHA-256 of the tensors
-(``tensors_sha256``, see :mod:`loraplex.io`), so tensors and JSON from two different saves are
-refused. ``save_compressed`` writes ``config.json`` itself; a caller adding files (the tokenizer's
-``save_pretrained``) should do so before calling it, or accept that those files are not covered.
+(``tensors_sha256``, see :mod:`loraplex.files` and :mod:`loraplex.io`), so tensors and JSON from two
+different saves are refused. ``save_compressed`` writes ``config.json`` itself; a caller adding files
+(the tokenizer's ``save_pretrained``) should do so before calling it, or accept that those files are
+not covered.
 
 Loading checks everything (JSON, tensors against the rebuilt layers: names, shapes, dtypes) before
 the model given is touched: on any error it is left unchanged. Dtypes must equal the saved ``dtype``
@@ -38,15 +39,8 @@ import torch
 from torch import nn
 
 from loraplex.compression.layers import LowRankLinear
-from loraplex.io import (
-    check_header,
-    check_tensors,
-    read_json,
-    read_matching_tensors,
-    write_json,
-    write_tensors,
-    write_text,
-)
+from loraplex.files import read_json, write_json, write_tensors, write_text
+from loraplex.io import check_header, check_tensors, read_matching_tensors
 
 FORMAT = "loraplex-compressed"
 FORMAT_VERSION = 1

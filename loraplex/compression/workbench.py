@@ -24,7 +24,7 @@ from loraplex.compression.io import is_compressed, load_compressed, save_compres
 from loraplex.compression.lord import plan
 from loraplex.compression.quality import embed, head_accuracy, mean_cosine
 from loraplex.data import load_splits
-from loraplex.io import save_pretrained, write_json, write_text
+from loraplex.files import save_pretrained, write_json, write_text
 from loraplex.models import model_path
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
+from loraplex.files import write_figure
 from loraplex.inject import adapters
-from loraplex.io import write_figure
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.(.+)$")  # "bert.encoder.layer.3" + "attention.self.query"
 
