@@ -20,6 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python tools/size.py --check  # the size budget: total code lines, method files over 250 lines
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -1,4 +1,5 @@
 """LoKr (LyCORIS): the Kronecker product of a small and a (low-rank) large factor, as PEFT's ``LoKrConfig``."""
+# size: PEFT's factorization and Kronecker shapes, three inits, LyCORIS dropouts, the conv form
 
 from __future__ import annotations
 

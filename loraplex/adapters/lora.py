@@ -1,4 +1,5 @@
 """LoRA (Hu et al., 2021) and its rsLoRA scale, Gaussian, PiSSA and OLoRA inits."""
+# size: four inits (two rewrite W0 and keep A0 / B0), the PEFT codec, the conv / embedding forms
 
 from __future__ import annotations
 

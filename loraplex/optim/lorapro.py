@@ -40,6 +40,7 @@ Decisions (where the reference is unclear or wrong):
 * DDP: the adjustment uses the gradients in ``.grad`` at ``step()``; under DDP they are already all-reduced, so
   every rank computes the same update and no extra communication is needed.
 """
+# size: the paper's math in the docstring, Sylvester solve, GraLoRA blocks, full and low modes
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ EMAs), ``triplet_scores`` (one score per rank), ``mask_below`` (the global thres
 ``orth_penalty`` (the orthogonality regulariser). ``AdaLoRAAllocator`` drives them from the loop
 contract of ``loraplex.rank.base``.
 """
+# size: AdaLoRA's whole allocator: schedule, EMAs, triplet scores, masks, orthogonality penalty, state
 
 from __future__ import annotations
 

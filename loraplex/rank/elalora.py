@@ -5,6 +5,7 @@ Pure pieces: ``b_at`` (the cubic schedule of b), ``plan_changes`` (which ranks t
 optimizer state); the EMAs, triplet scores and the orthogonality penalty are AdaLoRA's (``loraplex.rank.adalora``).
 ``ElaLoRAAllocator`` drives them from the loop contract of ``loraplex.rank.base``.
 """
+# size: ElaLoRA also grows ranks: tensor remapping and optimizer-state carry / bias correction
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ of the frozen weights; training is then plain LoRA. Reference: ``hhnqqq/MyTransf
 The adapters are plain ``lora`` adapters (``loraplex.adapt(model, "lora", rank=r_i, ...)``, one call
 per distinct option set), so ``loraplex.save`` / ``load`` / ``merge`` / PEFT export need nothing new.
 """
+# size: GoRA's four steps (distributed gradient pre-pass, importance, allocation, init), derivation
 
 from __future__ import annotations
 
