@@ -384,6 +384,21 @@ class Adapter(nn.Module):
         """
         return self.factor_pairs()
 
+    # Declared: the decomposition whose factors this adapter's parameters are, so that ``delta_weight()`` can
+    # be fitted to a target weight (``loraplex.decompose.fit_adapter`` keeps one fitter per name, and
+    # ``init_from_weight`` / ``init_from_gradient`` fit the adapters that declare one). None (the default):
+    # the method cannot be fitted. Declared by LoHa ("hadamard"), LoKr ("kronecker"), LoKH
+    # ("kronecker_hadamard"); tests/test_decompose.py checks every registered method's claim numerically.
+    fit_structure: ClassVar[str | None] = None
+
+    def reads_residual_base(self) -> bool:
+        """True when the adapter's init rewrote the frozen base weight (PiSSA / OLoRA's ``W0 - s B0 A0``).
+
+        Such an adapter is only meaningful with that residual base, which a hot-swap does not write; default
+        False. Declared by LoRA with a data-driven init.
+        """
+        return False
+
     # HuggingFace PEFT interop (optional): PEFT's name for the method, and the tensor names under a
     # layer in its checkpoints (the first one marks the adapted layers).
     peft_type: ClassVar[str | None] = None

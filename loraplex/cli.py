@@ -11,6 +11,7 @@ from typing import Any
 
 from loraplex._version import __version__
 from loraplex.adapters import METHODS
+from loraplex.compression.lord import COMPRESSION_METHODS, SOLVERS
 from loraplex.optim.registry import OPTIMIZERS
 from loraplex.train import allocator_names
 
@@ -230,9 +231,9 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--ratio", type=float, help="fraction of the targeted weight parameters kept")
     keep.add_argument("--energy", type=float, help="fraction of each layer's spectral energy kept")
     keep.add_argument("--rank", type=int, help="the rank of every factorised layer")
-    z.add_argument("--method", default="svd", choices=["svd", "activation", "kronecker", "hadamard"],
-                   help="weight SVD, output PCA (LoRD), or the survey's Kronecker sum / Hadamard product")  # fmt: skip
-    z.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"])
+    z.add_argument("--method", default="svd", choices=list(COMPRESSION_METHODS),
+                   help="; ".join(f"{k}: {m.description}" for k, m in COMPRESSION_METHODS.items()))  # fmt: skip
+    z.add_argument("--solver", default="auto", choices=list(SOLVERS))
     z.add_argument("--allocation", default="error", choices=["error", "uniform"],
                    help="--ratio spread by least total error, or the same fraction of every layer")  # fmt: skip
     z.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated names")

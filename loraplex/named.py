@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import Adapter, root_layer, weight_of
-from loraplex.adapters.lora import LoRA, lora_scale
+from loraplex.adapters.lora import lora_scale
 from loraplex.inject import adapters, bind_options, layers
 from loraplex.io import SPEC_FILE, TENSOR_FILE, pick_saved, read_matching_tensors, read_spec
 
@@ -468,7 +468,7 @@ def rank_factors(a: Adapter) -> tuple[str, str] | None:
     ``W0 - s B0 A0`` lives in the base weight).
     """
     pairs = a.product_pairs()
-    if len(pairs) != 1 or getattr(a, "A0", None) is not None or not {"rank", "alpha"} <= set(a.options):
+    if len(pairs) != 1 or a.reads_residual_base() or not {"rank", "alpha"} <= set(a.options):
         return None
     names = {id(p): n for n, p in a.own_parameters()}
     A, B, _ = pairs[0]
@@ -555,10 +555,10 @@ def swap_plan(
     """The tensors to write into ``a`` (B already rescaled); every incompatibility is a ``ValueError``."""
     if method != a.method:
         raise ValueError(f"{where}: layer {layer!r} has a {method!r} adapter saved but {a.method!r} in the model")
-    if isinstance(a, LoRA) and a.A0 is not None:
+    if a.reads_residual_base():
         raise ValueError(
-            f"layer {layer!r}: init={a.init!r} keeps its residual W0 - s B0 A0 in the base weight, which a hot-swap "
-            "does not rewrite; load such adapters with loraplex.load"
+            f"layer {layer!r}: init={a.options.get('init')!r} keeps its residual W0 - s B0 A0 in the base weight, "
+            "which a hot-swap does not rewrite; load such adapters with loraplex.load"
         )
     mine = a.own_state_dict()
     if sorted(tensors) != sorted(mine):

@@ -32,7 +32,7 @@ from loraplex.inject import Targets, adapt, add_trained, advance, count_trainabl
 from loraplex.io import load, save, tensors_of
 from loraplex.models import default_model_path
 from loraplex.optim.registry import OPTIMIZERS
-from loraplex.rank import ALLOCATORS
+from loraplex.rank import ALLOCATORS, INITIALISERS
 from loraplex.rank.base import Allocator
 from loraplex.rank.report import adapter_ranks, heatmap
 from loraplex.rank.report import table as rank_table
@@ -276,19 +276,22 @@ def _schedule(warm: int, total: int) -> Callable[[int], float]:
 
 
 def allocator_names() -> list[str]:
-    """``--allocator`` choices: none, the step allocators of ``loraplex.rank.ALLOCATORS``, and GoRA's init."""
-    return ["none", *sorted(ALLOCATORS), "gora"]
+    """``--allocator`` choices: none, the step allocators of ``loraplex.rank.ALLOCATORS``, and its initialisers."""
+    return ["none", *sorted(ALLOCATORS), *sorted(INITIALISERS)]
 
 
-def _gora(model: nn.Module, cfg: FinetuneConfig, batches: list[dict[str, Any]]) -> None:
-    """GoRA's gradient pre-pass and rank allocation in place of ``adapt`` (ranks fixed afterwards)."""
-    from loraplex.rank import gora_init
+def _label(methods: tuple[str, ...]) -> str:
+    return " / ".join(METHODS[m].__name__ for m in methods)
 
-    keys = ("rank", "alpha", "rslora", "dropout")
+
+def _initialise(model: nn.Module, cfg: FinetuneConfig, batches: list[dict[str, Any]]) -> None:
+    """The initialiser's gradient pre-pass and rank allocation in place of ``adapt`` (ranks fixed afterwards)."""
+    spec = INITIALISERS[cfg.allocator]
+    keys = spec.options
     opts = {k: v for k, v in cfg.options.items() if k in keys}
     if unknown := sorted(set(cfg.options) - set(keys)):
-        raise ValueError(f"allocator='gora' takes the LoRA options {keys}, not {unknown}")
-    gora_init(model, batches, targets=cfg.targets, train=cfg.train, seed=cfg.seed, **opts, **cfg.allocator_options)
+        raise ValueError(f"allocator={cfg.allocator!r} takes the {_label(spec.methods)} options {keys}, not {unknown}")
+    spec.init(model, batches, targets=cfg.targets, train=cfg.train, seed=cfg.seed, **opts, **cfg.allocator_options)
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -298,10 +301,13 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("method='full' (full fine-tuning) takes no method options, allocator or LoRA optimizer")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
-    if cfg.allocator != "none" and cfg.allocator not in ALLOCATORS and cfg.allocator != "gora":
+    if cfg.allocator not in allocator_names():
         raise ValueError(f"allocator={cfg.allocator!r} is not one of: {', '.join(allocator_names())}")
-    if cfg.allocator == "gora" and cfg.method != "lora":
-        raise ValueError(f"allocator='gora' initialises LoRA adapters: method must be 'lora', not {cfg.method!r}")
+    if (init := INITIALISERS.get(cfg.allocator)) is not None and cfg.method not in init.methods:
+        raise ValueError(
+            f"allocator={cfg.allocator!r} initialises {_label(init.methods)} adapters: method must be "
+            f"{' or '.join(map(repr, init.methods))}, not {cfg.method!r}"
+        )
     if not cfg.epochs > 0:
         raise ValueError(f"epochs={cfg.epochs!r} must be > 0")
     if cfg.batch_size < 1:
@@ -468,10 +474,10 @@ def _build(cfg: FinetuneConfig) -> _Run:
     steps_per_epoch = math.ceil(len(rows_train) / cfg.batch_size)
     if cfg.resume:
         load(model, ckpt)  # the same adapters and head, as saved (no re-init)
-    elif cfg.allocator == "gora":  # the first n epoch-0 batches of this process feed the gradient pre-pass
-        n = min(int(cfg.allocator_options.get("n_steps") or 8), steps_per_epoch)
+    elif (init := INITIALISERS.get(cfg.allocator)) is not None:  # the first n epoch-0 batches feed the pre-pass
+        n = min(int(cfg.allocator_options.get(init.steps_option) or init.default_steps), steps_per_epoch)
         pre = [batch_indices(cfg.seed, 0, k, len(rows_train), cfg.batch_size, world) for k in range(n)]
-        _gora(model, cfg, [_collate(tokenizer, rows_train, train.labels, rows, device) for rows in pre])
+        _initialise(model, cfg, [_collate(tokenizer, rows_train, train.labels, rows, device) for rows in pre])
     elif cfg.method == FULL:  # every parameter trains; saved as one "train" module, the root
         add_trained(model, [""])
     else:

@@ -556,3 +556,26 @@ def test_rank_minus_one_and_untargeted_rank_names_are_refused() -> None:
     with pytest.raises(ValueError, match=r"not targeted linear layers of the model: '4'; targeted: '0', '2'$"):
         compress(model, targets=["0", "2"], rank={"4": 3})  # a layer of the model, but not targeted
     assert_unchanged(model, snap)
+
+
+def test_one_registry_of_compression_methods() -> None:
+    """Issue 19: ``COMPRESSION_METHODS`` is the one list; ``plan`` checks its declared requirements and the CLI
+    offers its names (with their descriptions); the structured ones are ``decompose.LAYERS``'s layers."""
+    import argparse
+
+    from loraplex.cli import parser
+    from loraplex.compression.lord import COMPRESSION_METHODS, METHODS, SOLVERS, STRUCTURED
+    from loraplex.decompose import LAYERS
+
+    assert METHODS == tuple(COMPRESSION_METHODS) == ("svd", "activation", "kronecker", "hadamard")
+    assert set(STRUCTURED) == set(LAYERS)
+    assert all(m.description and set(m.solvers) <= set(SOLVERS) for m in COMPRESSION_METHODS.values())
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in sub.choices["compress"]._actions if a.dest == "method")
+    assert action.choices is not None and action.help is not None
+    assert list(action.choices) == list(COMPRESSION_METHODS)
+    assert all(m.description in action.help for m in COMPRESSION_METHODS.values())
+    for method, spec in COMPRESSION_METHODS.items():
+        if "randomized" not in spec.solvers:
+            with pytest.raises(ValueError, match='solver="randomized" applies to method="svd" only'):
+                plan(mlp(), ratio=0.5, method=method, solver="randomized", calibration=[torch.zeros(2, 24)])

@@ -10,9 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matrix import CASES
 from torch import nn
 
 import loraplex
+from loraplex.adapters import METHODS as ADAPTER_METHODS
 from loraplex.adapters.loha import khatri_rao_factors as loha_khatri_rao
 from loraplex.decompose import (
     HadamardLinear,
@@ -34,6 +36,8 @@ from loraplex.decompose import (
     rearrange,
     unrearrange,
 )
+from loraplex.decompose.init import FITTERS
+from loraplex.decompose.init import METHODS as FITTABLE
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -466,3 +470,31 @@ def test_layer_bad_options() -> None:
         HadamardLinear(24, 30, rank1=1, rank2=25)
     with pytest.raises(ValueError, match="nn.Linear"):
         HadamardLinear.from_linear(nn.Conv1d(2, 2, 1), rank1=1, rank2=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTER_METHODS))
+def test_every_method_declares_whether_it_can_be_fitted(method: str) -> None:
+    """Issue 19: ``fit_adapter`` asks the declared ``fit_structure``, never the class. A method declaring one is
+    fitted exactly to a ΔW of its own structure; one declaring none is refused (``fit_adapter``, and the
+    model-level inits find nothing to initialise)."""
+    cls = ADAPTER_METHODS[method]
+    if cls.fit_structure is not None:
+        assert cls.fit_structure in FITTERS, cls.fit_structure
+        assert method in FITTABLE
+        model = loraplex.adapt(nn.Sequential(nn.Linear(24, 20)), method, rank=1)
+        ((_, adapter),) = loraplex.adapters(model)
+        target = randomize(adapter, seed=11)
+        with torch.no_grad():
+            for _, p in adapter.own_parameters():
+                p.normal_()
+        assert fit_adapter(adapter, target, restarts=8) < 1e-4
+        assert torch.allclose(adapter.delta_weight(), target, atol=1e-3 * float(target.abs().max()))
+        return
+    assert method not in FITTABLE
+    case = next(c for c in CASES if c.method == method)
+    model = loraplex.adapt(case.specs[0].make(0), method, targets=case.targets, **case.options)
+    _, adapter = loraplex.adapters(model)[0]
+    with pytest.raises(ValueError, match=f"not {method!r}"):
+        fit_adapter(adapter, torch.zeros(adapter.out_features, adapter.in_features))
+    with pytest.raises(ValueError, match="no loha / lokr / lokh adapter"):
+        init_from_weight(model)

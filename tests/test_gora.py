@@ -352,3 +352,35 @@ def test_two_ddp_processes_build_identical_adapters(tmp_path: Path) -> None:
     assert want.keys() == r0.keys()
     for k in want:
         torch.testing.assert_close(r0[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_gora_is_a_registered_initialiser_that_train_consults_generically(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: ``finetune`` asks ``loraplex.rank.INITIALISERS`` (its declared methods, options and pre-pass
+    steps), never the string "gora"; another registered initialiser is offered and checked the same way."""
+    from loraplex import train
+    from loraplex.rank import ALLOCATORS, INITIALISERS, Initialiser
+
+    gora = INITIALISERS["gora"]
+    assert gora.init is gora_init and gora.methods == ("lora",) and gora.steps_option == "n_steps"
+    assert not set(INITIALISERS) & set(ALLOCATORS)
+    assert train.allocator_names() == ["none", *sorted(ALLOCATORS), "gora"]
+    with pytest.raises(
+        ValueError, match="allocator='gora' initialises LoRA adapters: method must be 'lora', not 'loha'"
+    ):
+        train.check_config(train.FinetuneConfig(data="x", method="loha", allocator="gora"))
+    fake = Initialiser(init=gora_init, methods=("dora", "bora"), options=("rank",), description="test")
+    monkeypatch.setitem(INITIALISERS, "fake", fake)
+    assert "fake" in train.allocator_names()
+    with pytest.raises(ValueError, match="initialises DoRA / BoRA adapters: method must be 'dora' or 'bora'"):
+        train.check_config(train.FinetuneConfig(data="x", method="lora", allocator="fake"))
+    seen = {}
+    monkeypatch.setitem(INITIALISERS, "fake", Initialiser(lambda *a, **k: seen.update(k), ("dora",), ("rank",), "t"))
+    cfg = train.FinetuneConfig(data="x", method="dora", allocator="fake", options={"rank": 2}, allocator_options={})
+    train._initialise(nn.Linear(2, 2), cfg, [])
+    assert seen["rank"] == 2 and seen["seed"] == cfg.seed
+    with pytest.raises(ValueError, match=r"allocator='fake' takes the DoRA options \('rank',\), not \['alpha'\]"):
+        train._initialise(
+            nn.Linear(2, 2),
+            train.FinetuneConfig(data="x", method="dora", allocator="fake", options={"rank": 2, "alpha": 1.0}),
+            [],
+        )

@@ -149,6 +149,7 @@ class LoHa(Adapter):
     """
 
     method = "loha"
+    fit_structure = "hadamard"  # fitted to a target by loraplex.decompose.fit_adapter
     paper = "https://arxiv.org/abs/2108.06098"
     formula = "2 * rank * (in + out)"
     # Unmeasured. At init an Adam step of size lr moves ΔW entries by about 0.016·lr here (r = 8,

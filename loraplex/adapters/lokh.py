@@ -66,6 +66,7 @@ class LoKH(Adapter):
     """
 
     method = "lokh"
+    fit_structure = "kronecker_hadamard"  # fitted to a target by loraplex.decompose.fit_adapter
     paper = "https://arxiv.org/abs/2408.05883"
     formula = "out_l * in_m + 2 * rank * (out_k + in_n)"
     # Unmeasured. At init an Adam step of size lr moves ΔW entries by about s · |H| · lr = lr / sqrt(3 · in_n)

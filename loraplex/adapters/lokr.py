@@ -155,6 +155,7 @@ class LoKr(Adapter):
     w2_a: nn.Parameter | None
     w2_b: nn.Parameter | None
     method = "lokr"
+    fit_structure = "kronecker"  # fitted to a target by loraplex.decompose.fit_adapter
     paper = "https://arxiv.org/abs/2309.14859"
     formula = "w1: out_l * in_m (or rank * (out_l + in_m)) + w2: out_k * in_n (or rank * (out_k + in_n))"
     # Unmeasured. At init an Adam step of size lr moves ΔW entries by about 0.07·lr (384x384:

@@ -295,6 +295,10 @@ class LoRA(Adapter):
             return y + self.lowrank(x, self.A0, self.B0).to(y.dtype)  # type: ignore[arg-type]
         return y + self.lowrank(self.dropout(x), self.A, self.B).to(y.dtype)
 
+    def reads_residual_base(self) -> bool:
+        """True for a rewriting init (PiSSA / OLoRA): the base weight holds the residual ``W0 - s B0 A0``."""
+        return self.A0 is not None
+
     def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         """``[(A, B, scale)]``: ``ΔW = s B A`` exactly (any init). Subclasses that rescale (DoRA, BoRA) override."""
         return [(self.A, self.B, float(self.scale))]

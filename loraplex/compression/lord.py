@@ -23,6 +23,8 @@ candidates are offered:
 Two alternatives from Jun Lu's survey (https://arxiv.org/abs/2408.05883), with ``ratio`` only:
 ``method="kronecker"`` (``W ≈ Σ_t A_t ⊗ B_t``, the nearest Kronecker sum) and ``method="hadamard"``
 (``W ≈ (W1 Z1) ⊙ (W2 Z2)`` by alternating least squares), see :mod:`loraplex.decompose.layers`.
+The four are registered, with their requirements, in ``COMPRESSION_METHODS`` (``plan`` and the CLI's
+``--method`` choices and help read it).
 
 Rank selection (exactly one of; see :mod:`loraplex.compression.allocate`): ``rank`` (an int for
 every layer, or ``{layer name: rank}``), ``energy`` (keep that fraction of each layer's spectral
@@ -56,8 +58,6 @@ from loraplex.compression.layers import LowRankLinear
 from loraplex.inject import Targets, resolve
 from loraplex.linalg import split_factors, svd
 
-METHODS = ("svd", "activation", "kronecker", "hadamard")
-STRUCTURED = ("kronecker", "hadamard")
 SOLVERS = ("auto", "full", "randomized")
 ALLOCATIONS = ("error", "uniform")
 # Hadamard ALS iterations per layer in compress: each costs ~4 GEMMs of out x in x r² (about 1.9 s for a
@@ -65,6 +65,37 @@ ALLOCATIONS = ("error", "uniform")
 # weights on MiniLM (benchmarks/results/decompositions_minilm.md).
 HADAMARD_ITERS = 15
 OVERSAMPLE, POWER_ITERS = 8, 4
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    """A compression method's declared requirements (``plan`` / ``compress`` and the CLI read them).
+
+    ``calibrated``: its basis is the PCA of the layer outputs on calibration batches (which it needs);
+    ``structured``: it replaces the layer by ``loraplex.decompose.LAYERS[name]`` (``ratio=`` only, with
+    ``layer_options`` for its ``from_linear``), else by a ``LowRankLinear``; ``solvers``: the SVD solvers it takes.
+    """
+
+    description: str
+    calibrated: bool = False
+    structured: bool = False
+    solvers: tuple[str, ...] = ("auto", "full")
+    layer_options: tuple[tuple[str, Any], ...] = ()  # passed to the structured layer's ``from_linear``
+
+
+# name -> method: the one registry of compression methods.
+COMPRESSION_METHODS: dict[str, CompressionMethod] = {
+    "svd": CompressionMethod("weight SVD (Eckart-Young truncation; randomized for small ranks)", solvers=SOLVERS),
+    "activation": CompressionMethod("output PCA on calibration data (LoRD)", calibrated=True),
+    "kronecker": CompressionMethod("the survey's nearest Kronecker sum (ratio only)", structured=True),
+    "hadamard": CompressionMethod(
+        "the survey's Hadamard product by ALS (ratio only)",
+        structured=True,
+        layer_options=(("max_iter", HADAMARD_ITERS),),
+    ),
+}
+METHODS = tuple(COMPRESSION_METHODS)
+STRUCTURED = tuple(m for m, c in COMPRESSION_METHODS.items() if c.structured)
 
 
 @dataclass
@@ -219,11 +250,13 @@ def _check_args(rank: Any, energy: Any, ratio: Any, method: str, solver: str, ca
         raise ValueError(f"method={method!r} must be one of {', '.join(METHODS)}")
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} must be one of {', '.join(SOLVERS)}")
-    if method == "activation" and calibration is None:
-        raise ValueError('method="activation" needs calibration batches (calibration=...)')
-    if method != "svd" and solver == "randomized":
-        raise ValueError('solver="randomized" applies to method="svd" only')
-    if method in STRUCTURED and ratio is None:
+    spec = COMPRESSION_METHODS[method]
+    if spec.calibrated and calibration is None:
+        raise ValueError(f'method="{method}" needs calibration batches (calibration=...)')
+    if solver not in spec.solvers:
+        takers = " or ".join(f'method="{m}"' for m, c in COMPRESSION_METHODS.items() if solver in c.solvers)
+        raise ValueError(f'solver="{solver}" applies to {takers} only')
+    if spec.structured and ratio is None:
         raise ValueError(f'method="{method}" takes ratio= (the fraction of each layer\'s weights kept)')
 
 
@@ -261,20 +294,21 @@ def plan(
     for n in names:
         _check_linear_target(model, n)
     _check_rank_names(rank, names)
+    spec = COMPRESSION_METHODS[method]
     for n in names:  # every layer before any is changed: a LAPACK error would not name the layer
         layer = model.get_submodule(n)
         why = f'method="{method}" needs finite values'
         check_finite(f"compress: layer {n!r}", "weights", weight_of(layer), why)
-        if method == "activation" and (b := _bias(layer)) is not None:  # b' = P b + (I - P) ȳ
+        if spec.calibrated and (b := _bias(layer)) is not None:  # b' = P b + (I - P) ȳ
             check_finite(f"compress: layer {n!r}", "bias", b, why)
-    if method in STRUCTURED:
+    if spec.structured:
         assert ratio is not None
         return [structured(model, n, method, ratio) for n in names]
-    stats = input_stats(model, names, calibration) if calibration is not None and method == "activation" else {}
+    stats = input_stats(model, names, calibration) if calibration is not None and spec.calibrated else {}
     spectra, bases = [], {}
     for n in names:
         w = weight_of(model.get_submodule(n))
-        if method == "activation":
+        if spec.calibrated:
             vals, vecs = output_basis(w, stats[n])
             bases[n] = vecs
             energies = vals.numpy()
@@ -297,7 +331,7 @@ def plan(
         err = 0.0
         if k != DENSE:
             w, b = weight_of(layer), _bias(layer)
-            if method == "activation":
+            if spec.calibrated:
                 up, down, bias = activation_factors(w, b, stats[s.name], bases[s.name], k)
             elif _use_randomized(solver, rank, (w.shape[0], w.shape[1])):
                 up, down = randomized_factors(w, k)
@@ -305,7 +339,7 @@ def plan(
             else:
                 up, down = split_factors(*svd(w), k)
                 bias = None
-            if method == "activation":
+            if spec.calibrated:
                 err = float(s.relative_errors()[k])
             else:
                 w64 = w.detach().to(up.dtype)
@@ -339,7 +373,7 @@ def structured(model: nn.Module, name: str, method: str, ratio: float) -> Choice
     w = layer.weight.detach().double()
     best: tuple[float, nn.Module, dict[str, int]] | None = None
     for opts in (o for o in fits if cls.num_params(inp, out, **o) == size):  # equal size: keep the best fit
-        new = cls.from_linear(layer, **opts, **({"max_iter": HADAMARD_ITERS} if method == "hadamard" else {}))
+        new = cls.from_linear(layer, **opts, **dict(COMPRESSION_METHODS[method].layer_options))
         with torch.no_grad():
             err = float(torch.linalg.norm(w - new.dense_weight().double()) / torch.linalg.norm(w).clamp_min(1e-300))
         if best is None or err < best[0]:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import Adapter
+from loraplex.adapters import METHODS as ADAPTER_METHODS
 from loraplex.adapters.loha import LoHa
 from loraplex.adapters.lokh import LoKH
 from loraplex.adapters.lokr import LoKr
@@ -34,8 +35,6 @@ from loraplex.decompose.kronecker import kronecker_ranked, nearest_kronecker, re
 from loraplex.inject import adapters
 from loraplex.linalg import svd_factors
 from loraplex.rank.gora import average_gradients
-
-METHODS = ("loha", "lokr", "lokh")
 
 
 @torch.no_grad()
@@ -94,14 +93,40 @@ def _fit_lokh(a: LoKH, T: Tensor, restarts: int, outer: int = 3) -> None:
         _set(p, v)
 
 
+def _fit_lokr_any(a: LoKr, T: Tensor, restarts: int) -> None:
+    del restarts  # the nearest (ranked) Kronecker product is solved directly
+    _fit_lokr(a, T)
+
+
+# One fitter per declared ``Adapter.fit_structure``: ``fitter(adapter, target / scale, restarts)`` sets the
+# adapter's factors so that ``delta_weight() / scale ≈ target / scale``.
+FITTERS: dict[str, Callable[[Any, Tensor, int], None]] = {
+    "hadamard": _fit_loha,
+    "kronecker": _fit_lokr_any,
+    "kronecker_hadamard": _fit_lokh,
+}
+
+# The registered methods that declare a fittable structure (``fit_structure`` with a fitter here).
+METHODS = tuple(m for m, cls in ADAPTER_METHODS.items() if cls.fit_structure in FITTERS)
+
+
+def fitter(adapter: Adapter) -> Callable[[Any, Tensor, int], None] | None:
+    """The fitter for the adapter's declared ``fit_structure``; None when it declares none (or an unknown one)."""
+    kind = type(adapter).fit_structure
+    return None if kind is None else FITTERS.get(kind)
+
+
 def fit_adapter(adapter: Adapter, target: Tensor, *, restarts: int = 3) -> float:
-    """Set a LoHa / LoKr / LoKH adapter's factors so that ``delta_weight() ≈ target`` (out, in); returns the error.
+    """Set the factors of an adapter declaring ``fit_structure`` so that ``delta_weight() ≈ target`` (out, in).
+
+    LoHa / LoKr / LoKH declare one; any other adapter is a ``ValueError``.
 
     The returned value is ``‖ΔW - target‖_F / ‖target‖_F`` (0 for a zero target that is met). ``restarts``:
     Hadamard ALS starts for LoHa / LoKH (default 3; the problem is not convex, see ``hadamard_als``).
     The fit is computed in float64 on CPU (float32 on accelerators) and copied into the fp32 parameters.
     """
-    if adapter.method not in METHODS:
+    fit = fitter(adapter)
+    if fit is None:
         raise ValueError(f"fit_adapter handles {', '.join(METHODS)} adapters, not {adapter.method!r}")
     shape = (adapter.out_features, adapter.in_features)
     if not isinstance(target, Tensor) or tuple(target.shape) != shape:
@@ -111,13 +136,7 @@ def fit_adapter(adapter: Adapter, target: Tensor, *, restarts: int = 3) -> float
     if scale == 0:
         raise ValueError(f"alpha={adapter.alpha!r} gives the scale 0: no ΔW can be fitted")  # type: ignore[attr-defined]
     T = target.detach().to(torch.float64 if target.device.type == "cpu" else torch.float32) / scale
-    if isinstance(adapter, LoHa):
-        _fit_loha(adapter, T, restarts)
-    elif isinstance(adapter, LoKr):
-        _fit_lokr(adapter, T)
-    else:
-        assert isinstance(adapter, LoKH)
-        _fit_lokh(adapter, T, restarts)
+    fit(adapter, T, restarts)
     with torch.no_grad():
         err = (adapter.delta_weight().double() - target.double()).norm()
         norm = target.double().norm()
@@ -125,7 +144,7 @@ def fit_adapter(adapter: Adapter, target: Tensor, *, restarts: int = 3) -> float
 
 
 def _fitted(model: nn.Module) -> list[tuple[str, Adapter]]:
-    found = [(n, a) for n, a in adapters(model) if a.method in METHODS]
+    found = [(n, a) for n, a in adapters(model) if fitter(a) is not None]
     if not found:
         raise ValueError(f"the model has no {' / '.join(METHODS)} adapter to initialise")
     return found
