@@ -78,9 +78,9 @@ class Option:
         return finite and not (self.positive and value <= 0) and not (self.nonzero and value == 0)
 
     def describe(self) -> str:
-        """``name``-less one-line documentation: the default, the valid values and the meaning."""
+        """One line of documentation: the valid values and the meaning (``loraplex methods``)."""
         valid = self.must() + (" or None" if self.optional else "")
-        return f"default {self.default!r}; {valid}; {self.help}" + (" (the size option)" if self.size else "")
+        return f"{valid}; {self.help}" + (" (the size option)" if self.size else "")
 
 
 def validate(declared: dict[str, Option], options: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import inspect
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from loraplex import METHODS
@@ -75,4 +74,13 @@ def test_every_method_refuses_a_bad_declared_value_with_the_declared_message(met
         bad = "bogus" if option.kind != "choice" else 3
         with pytest.raises(ValueError, match=f"^{name}={bad!r} must be "):
             cls(nn.Linear(8, 8), **{name: bad})
-    torch.manual_seed(0)
+
+
+def test_loraplex_methods_prints_every_declared_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from loraplex.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for cls in METHODS.values():
+        for name, option in cls.declared_options.items():
+            assert f"{name}={option.default!r}" in out and option.describe() in out, (cls.method, name)
