@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loraplex.options import Option
+
 _serial = itertools.count()
 _restoring: ContextVar[bool] = ContextVar("loraplex_restoring", default=False)
 
@@ -223,6 +225,8 @@ class Adapter(nn.Module):
     formula: ClassVar[str]  # trainable parameters, in words; num_params computes it
     default_lr: ClassVar[float]  # AdamW learning rate used when the user gives none
     size_option: ClassVar[str | None] = None  # the option that sets the parameter count (compare's budget)
+    # Declared options (loraplex/options.py): the keyword options of __init__, validated by ``validate``.
+    declared_options: ClassVar[dict[str, Option]] = {}
 
     # The layer kinds a method adapts ("linear", "conv", "embedding"). Read from the class's own
     # namespace only (``supported_kinds``): a subclass whose forward is linear-only must not inherit

@@ -40,11 +40,13 @@ def method_options(cls: type) -> dict[str, Any]:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    """Each method's paper, formula and declared options (``declared_options``: default, valid values, meaning)."""
     for name, cls in METHODS.items():
-        opts = ", ".join(f"{k}={v!r}" for k, v in method_options(cls).items())
         print(f"{name:10s} {cls.__name__}  {cls.paper}")
-        print(f"{'':10s} options: {opts}")
         print(f"{'':10s} trainable parameters per layer: {cls.formula}")
+        print(f"{'':10s} options:")
+        for key, option in cls.declared_options.items():
+            print(f"{'':12s} {f'{key}={option.default!r}':24s} {option.describe()}")
     return 0
 
 

@@ -24,7 +24,7 @@ import loraplex
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     # pure helpers: linear algebra, where data and models come from, file writing; nothing from loraplex
     ("ground", ("loraplex.linalg", "loraplex.models", "loraplex.data", "loraplex.files", "loraplex._version")),
-    ("adapter", ("loraplex.adapter",)),  # the Adapter base class and the argument checks
+    ("adapter", ("loraplex.adapter", "loraplex.options")),  # the Adapter base class, the option declarations and checks
     ("adapters", ("loraplex.adapters",)),  # the methods
     ("inject", ("loraplex.inject",)),  # adapt / targets
     ("io", ("loraplex.io", "loraplex.checkpoint", "loraplex.peft_io")),  # saving and loading

@@ -109,19 +109,6 @@ def check_square(method: str, in_features: int, out_features: int) -> int:
     return in_features
 
 
-def check_number(name: str, value: object) -> float:
-    """A finite real number option (``alpha``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be True or False")
-    return value
-
-
 def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
+from loraplex.options import Option, validate
 
 RANKNUM_EPS = 1e-5  # PEFT's guard in ``scaling / (ranknum + 1e-5)``
 
@@ -83,14 +84,17 @@ class AdaLoRA(Adapter):
     formula = "rank * (in + out + 1)"
     default_lr = 1e-3  # PEFT's AdaLoRA examples; the paper's GLUE runs use 5e-4..1.2e-3
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(12, "the starting rank (the allocator prunes it)"),
+        "alpha": opt.alpha(8.0, "the scale of P E Q (PEFT: alpha, not alpha / rank)", positive=True),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(self, base: nn.Module, *, rank: int = 12, alpha: float = 8.0, dropout: float = 0.0) -> None:
         super().__init__(base)
-        check_int("rank", rank)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha={alpha!r} must be a finite number > 0")
+        validate(self.declared_options, {"rank": rank, "alpha": alpha, "dropout": dropout})
         self.rank, self.scaling = rank, float(alpha)
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), Q
         self.E = nn.Parameter(torch.zeros(rank, 1, device=device))  # (r, 1), singular values

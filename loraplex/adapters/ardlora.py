@@ -9,12 +9,15 @@ The allocator that regularises the scales (ℓ1 + total variation) and clamps th
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
+from loraplex.options import Option, validate
 
 
 def soft_rank_mask(scales: Tensor, rank: int, temperature: float) -> Tensor:
@@ -134,6 +137,13 @@ class ARDLoRA(Adapter):
     # (1 - 1/r0) / (10 lr) ≈ 90 steps, well within a one-epoch run.
     default_lr = 1e-3
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(8, "the rank r (the gates m switch components off)"),
+        "alpha": opt.alpha(16.0),
+        "heads": Option("int", 1, "gate heads (divides out)"),
+        "temperature": opt.alpha(0.5, "the gates' sigmoid temperature", positive=True),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(
         self,
@@ -146,20 +156,14 @@ class ARDLoRA(Adapter):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(base)
-        check_int("rank", rank)
-        check_int("heads", heads)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise ValueError(f"alpha={alpha!r} must be a finite number")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+        opts = {"rank": rank, "alpha": alpha, "heads": heads, "temperature": temperature, "dropout": dropout}
+        validate(self.declared_options, opts)
         if self.out_features % heads:
             valid = ", ".join(map(str, valid_heads(self.out_features)))
             raise ValueError(f"heads={heads} must divide out_features={self.out_features}; valid head counts: {valid}")
         self.rank, self.heads, self.temperature = rank, heads, float(temperature)
         self.scale = alpha / rank
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(heads * rank, self.in_features, device=device))  # (H r0, in), fp32
         self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r0), fp32

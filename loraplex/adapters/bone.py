@@ -7,7 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
+from loraplex.options import Option, validate
 
 # Axes: I = out / r output blocks, J = in / r input blocks; block (i, j) is W[i r:(i+1) r, j r:(j+1) r].
 
@@ -102,10 +104,11 @@ class Bone(Adapter):
     # more than LoRA's ~0.17 lr at its 1e-3 default (r = 8, in = 384), hence 2e-4, as MiSS.
     default_lr = 2e-4
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {"rank": opt.rank(64, "the block size r (divides in and out)")}
 
     def __init__(self, base: nn.Module, *, rank: int = 64) -> None:
         super().__init__(base)
-        check_int("rank", rank)
+        validate(self.declared_options, {"rank": rank})
         for name, size in (("in_features", self.in_features), ("out_features", self.out_features)):
             if size % rank:
                 raise ValueError(f"rank={rank} must divide {name}={size} (W is cut into rank x rank blocks)")

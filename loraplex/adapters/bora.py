@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from loraplex.adapters._ops import can_fuse, lowrank_linear
 from loraplex.adapters.dora import NORM_EPS, inverse_norm
-from loraplex.adapters.lora import LoRA
+from loraplex.adapters.lora import LoRA, lora_options
+from loraplex.options import Option
 
 
 def bidirectional_gains(V: Tensor, m_col: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,6 +90,7 @@ class BoRA(LoRA):
     formula = "rank * (in + out) + in + out"
     default_lr = 1e-3  # DoRA's (and LoRA's): the paper builds on DoRA's setup
     peft_type = None  # type: ignore[assignment]  # PEFT has no BoRA; LoRA's codec must not claim it
+    declared_options: ClassVar[dict[str, Option]] = lora_options(("kaiming", "gaussian"), "how A and B start")
 
     def __init__(
         self,

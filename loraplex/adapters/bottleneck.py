@@ -1,17 +1,20 @@
 """The serial bottleneck adapter (Houlsby et al., ICML 2019) and SURM's structured adapters (NeurIPS 2024)."""
+# size: four structures (dense, circulant, toeplitz, kronecker), their option rules and declarations
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, check_int, is_restoring
 from loraplex.adapters._kron import kron_linear
-from loraplex.adapters._structured import check_bool, circulant_matmul, toeplitz_matmul
+from loraplex.adapters._structured import circulant_matmul, toeplitz_matmul
+from loraplex.options import Option, validate
 
 STRUCTURES = ("dense", "circulant", "toeplitz", "kronecker")
 BOTTLENECK = 64  # Houlsby's middle size (the paper sweeps 8, 64, 256)
@@ -126,6 +129,27 @@ class Bottleneck(Adapter):
     # 2e-3 (weight decay 0.25); Houlsby tunes 3e-5..3e-3 on GLUE (BERT-large).
     default_lr = 2e-3
     size_option = "bottleneck"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "structure": opt.choice("dense", STRUCTURES, "the map: dense down / up, or one structured out x out map"),
+        "bottleneck": Option(
+            "int",
+            None,
+            f"the middle size m (structure='dense'; None: {BOTTLENECK})",
+            optional=True,
+            size=True,
+            checked=False,
+        ),
+        "activation": opt.choice("gelu", tuple(ACTIVATIONS), "the nonlinearity between the maps"),
+        "product": opt.flag(True, "circulant / toeplitz: a product of two structured maps instead of one"),
+        "factor": Option(
+            "int",
+            None,
+            "structure='kronecker': A's size f (divides out; None: near sqrt(out))",
+            optional=True,
+            checked=False,
+        ),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(
         self,
@@ -144,10 +168,10 @@ class Bottleneck(Adapter):
                 f"the bottleneck adapter cannot stack on another adapter (the layer carries a "
                 f"{self.base.method!r} adapter): it acts on the layer output, not additively on its input"
             )
-        self.structure = check_choice("structure", structure, STRUCTURES)
-        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
-        self.product = check_bool("product", product)
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        opts = {"structure": structure, "activation": activation, "product": product, "dropout": dropout}
+        validate(self.declared_options, opts)  # bottleneck and factor: in sizes (they depend on structure)
+        self.structure, self.activation, self.product = structure, activation, product
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         d = self.out_features
         self.m, self.f = self.sizes(d, structure, bottleneck, activation, product, factor)
         dev = self.param_device

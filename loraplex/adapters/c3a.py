@@ -8,9 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._circulant import block_circulant_matmul, circulant, circulant_linear
 from loraplex.adapters._ops import can_fuse
+from loraplex.options import Option, validate
 
 INITS = ("xavier", "zeros", "kaiming", "gaussian")
 # Our init names -> PEFT's C3AConfig.init_weights (PEFT's False is xavier too).
@@ -79,17 +81,22 @@ class C3A(Adapter):
     # 5e-2..3e-1 with AdamW.
     default_lr = 1e-1
     size_option = "block_size"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "block_size": Option("int", 256, "the circulant block size b (divides in and out)", size=True),
+        "init": opt.choice("xavier", INITS, "how the kernels start"),
+    }
 
     def __init__(self, base: nn.Module, *, block_size: int = 256, init: str = "xavier") -> None:
         super().__init__(base)
-        b = check_int("block_size", block_size)
+        validate(self.declared_options, {"block_size": block_size, "init": init})
+        b = block_size
         if self.in_features % b or self.out_features % b:
             raise ValueError(
                 f"block_size={b} must divide in_features={self.in_features} and "
                 f"out_features={self.out_features}; common divisors: "
                 f"{common_divisors(self.in_features, self.out_features)}"
             )
-        self.block_size, self.init = b, check_choice("init", init, self.inits())
+        self.block_size, self.init = b, init
         self.scale = 1.0 / self.in_features
         shape = (self.out_features // b, self.in_features // b, b)
         self.kernel = nn.Parameter(torch.zeros(shape, device=self.param_device))  # (m, n, b), fp32

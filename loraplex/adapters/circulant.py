@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._circulant import circulant_linear
 from loraplex.adapters._ops import can_fuse
-from loraplex.adapters._structured import check_bool, check_number, check_square, circulant, circulant_matmul
+from loraplex.adapters._structured import check_square, circulant, circulant_matmul
+from loraplex.options import Option, validate
 
 # The merged-weight path pays for itself from about this many rows per feature (see Circulant.fusable).
 FUSE_ROWS_PER_FEATURE = 1.0
@@ -72,13 +76,18 @@ class Circulant(Adapter):
     # GLUE) uses AdamW at 2e-3 (weight decay 0.25, 6% linear warm-up); no LoRA script is published.
     default_lr = 2e-3
     size_option = None  # 2d (or d) parameters: no size to set
+    declared_options: ClassVar[dict[str, Option]] = {
+        "product": opt.flag(True, "the product of two circulants (2d parameters) instead of one (d)"),
+        "alpha": opt.alpha(1.0, "the scale of the update"),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(self, base: nn.Module, *, product: bool = True, alpha: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__(base)
         d = check_square(self.method, self.in_features, self.out_features)
-        self.product = check_bool("product", product)
-        self.alpha = check_number("alpha", alpha)
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        validate(self.declared_options, {"product": product, "alpha": alpha, "dropout": dropout})
+        self.product, self.alpha = product, float(alpha)
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         self.a = nn.Parameter(torch.zeros(d, device=self.param_device))  # (d,), fp32
         self.b = nn.Parameter(torch.zeros(d, device=self.param_device)) if product else None  # (d,), fp32
         if not is_restoring():

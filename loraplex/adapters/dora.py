@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loraplex.adapters._ops import lowrank_linear
-from loraplex.adapters.lora import LoRA
+from loraplex.adapters.lora import LoRA, lora_options
+from loraplex.options import Option
 
 # Norms at or below this count as zero: such a row (column, for BoRA) has no direction and gets gain 0.
 NORM_EPS = 1e-12
@@ -71,6 +72,7 @@ class DoRA(LoRA):
     formula = "rank * (in + out) + out"
     default_lr = 1e-3  # as LoRA: the paper reuses LoRA's learning rates
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
+    declared_options: ClassVar[dict[str, Option]] = lora_options(("kaiming", "gaussian"), "how A and B start")
 
     def __init__(
         self,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters.adalora import init_triplet, svd_delta, svd_effect
+from loraplex.options import Option, validate
 
 NEW_E_CAP = 1e-13  # the reference's cap on a new singular value: ``min(min|E|, 1e-13)``
 NORM_EPS = 1e-6  # the reference's guard in ``v / (||v|| + 1e-6)``
@@ -96,6 +98,12 @@ class ElaLoRA(Adapter):
     formula = "current_rank * (in + out + 1)"
     default_lr = 8e-4  # NLU/scripts/run_debertav3_cola.sh (the scripts use 5e-4..1.2e-3)
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(10, "the starting rank (the allocator prunes and grows it)"),
+        "alpha": opt.alpha(16.0, "the scale of P E Q", positive=True),
+        "dropout": opt.dropout(),
+        "current_rank": Option("int", None, "the rank held now (None: rank; set by checkpoints)", optional=True),
+    }
 
     def __init__(
         self,
@@ -107,13 +115,12 @@ class ElaLoRA(Adapter):
         current_rank: int | None = None,
     ) -> None:
         super().__init__(base)
-        check_int("rank", rank)
-        r = rank if current_rank is None else check_int("current_rank", current_rank)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha={alpha!r} must be a finite number > 0")
+        opts = {"rank": rank, "alpha": alpha, "dropout": dropout, "current_rank": current_rank}
+        validate(self.declared_options, opts)
+        r = rank if current_rank is None else current_rank
         self.rank, self.scaling = rank, float(alpha)
         self.options = {"rank": rank, "alpha": alpha, "dropout": dropout, "current_rank": current_rank}
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         device = self.param_device
         self.A = nn.Parameter(torch.empty(r, self.in_features, device=device))  # (r, in), Q
         self.E = nn.Parameter(torch.zeros(r, 1, device=device))  # (r, 1), singular values

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._ops import can_fuse
+from loraplex.options import Option, validate
 
 # Blocks: i indexes the k output blocks (out / k rows), j the k input blocks (in / k columns), each of
 # rank r / k. PEFT's layouts: A (k_j, in / k, r) with r = (k_i, r / k) and B (k_i, r, out / k) with
@@ -166,15 +168,22 @@ class GraLoRA(Adapter):
     # twice its LoRA runs' 1e-4; the paper uses Lion at 2e-4. Defaults give LoRA's scale (alpha / r = 2).
     default_lr = 1e-3
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(32, "the rank of the block grid (convention='official': of grid + hybrid)"),
+        "alpha": opt.alpha(64.0, "the update's scale numerator (scale = alpha / (rank + hybrid_rank), PEFT)"),
+        "k": Option("int", 2, "the grid has k x k blocks (k divides in, out and the grid's rank)"),
+        "hybrid_rank": Option("int", 0, "rank of an extra plain LoRA term (0: none)", low=0),
+        "dropout": opt.dropout(),
+        "convention": opt.choice("peft", CONVENTIONS, "what rank counts: the grid (peft) or grid + hybrid (official)"),
+    }
 
     def __init__(
         self, base: nn.Module, *, rank: int = 32, alpha: float = 64.0, k: int = 2, hybrid_rank: int = 0,
         dropout: float = 0.0, convention: str = "peft",
     ) -> None:  # fmt: skip
         super().__init__(base)
-        check_int("rank", rank), check_int("k", k), check_int("hybrid_rank", hybrid_rank, low=0)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise ValueError(f"alpha={alpha!r} must be a finite number")
+        opts = {"rank": rank, "alpha": alpha, "k": k, "hybrid_rank": hybrid_rank, "dropout": dropout}
+        validate(self.declared_options, opts | {"convention": convention})
         grid = grid_rank(rank, hybrid_rank, convention)
         what = "rank" if convention == "peft" else "rank - hybrid_rank"
         for name, size in ((what, grid), ("in_features", self.in_features), ("out_features", self.out_features)):
@@ -183,7 +192,7 @@ class GraLoRA(Adapter):
         self.rank, self.alpha, self.k, self.hybrid_rank = rank, alpha, k, hybrid_rank
         self.convention, self.grid_rank = convention, grid
         self.scale = alpha / (grid + hybrid_rank)  # alpha / (rank + h) (PEFT), alpha / rank (official)
-        self.p = check_dropout(dropout)
+        self.p = float(dropout)
         self.dropout = nn.Dropout(self.p) if self.p else nn.Identity()
         n_in, n_out, h, device = self.in_features, self.out_features, hybrid_rank, self.param_device
         self.blocks_A = nn.Parameter(torch.empty(k, n_in // k, grid, device=device))  # (k, in / k, r), fp32

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._kron import kron_linear
-from loraplex.adapters.loha import check_alpha
+from loraplex.options import Option, validate
 
 
 def common_divisors(a: int, b: int) -> list[int]:
@@ -77,20 +79,26 @@ class Kronecker(Adapter):
     # 1e-2 is 10x LoRA's 1e-3, kept below the ~2e-2 that estimate suggests.
     default_lr = 1e-2
     size_option = None  # in + out parameters whatever the factor
+    declared_options: ClassVar[dict[str, Option]] = {
+        "factor": Option("int", None, "A's size r (divides in and out; None: near the square root)", optional=True),
+        "alpha": opt.alpha(1.0, "the scale numerator (scale = alpha / factor)"),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(self, base: nn.Module, *, factor: int | None = None, alpha: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__(base)
         d_in, d_out = self.in_features, self.out_features
-        r = auto_factor(d_in, d_out) if factor is None else check_int("factor", factor)
+        validate(self.declared_options, {"factor": factor, "alpha": alpha, "dropout": dropout})
+        r = auto_factor(d_in, d_out) if factor is None else factor
         if d_in % r or d_out % r:
             found = common_divisors(d_in, d_out)
             shown = ", ".join(map(str, found if len(found) <= 12 else [*found[:9], "...", *found[-2:]]))
             raise ValueError(
                 f"factor={r} must divide in_features={d_in} and out_features={d_out}; valid factors: {shown}"
             )
-        self.factor, self.alpha = r, check_alpha(alpha)
+        self.factor, self.alpha = r, float(alpha)
         self.scale = self.alpha / r
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         self.A = nn.Parameter(torch.zeros(r, d_in // r, device=self.param_device))  # (r, in / r), fp32
         self.B = nn.Parameter(torch.zeros(d_out // r, r, device=self.param_device))  # (out / r, r), fp32
         if not is_restoring():

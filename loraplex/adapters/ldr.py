@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._ops import can_fuse
-from loraplex.adapters._structured import check_number, check_square, ldr, ldr_matmul
+from loraplex.adapters._structured import check_square, ldr, ldr_matmul
+from loraplex.options import Option, validate
 
 # The merged-weight path pays for itself from about FUSE_ROWS_PER_FEATURE · d / R rows (see LDR.fusable):
 # the FFT path's cost grows with R (2 + 2R transforms per row), the merged path's hardly.
@@ -69,15 +73,20 @@ class LDR(Adapter):
     # circulant adapters) uses AdamW at 2e-3.
     default_lr = 2e-3
     size_option = "displacement_rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "displacement_rank": Option("int", 1, "the displacement rank R (2 R d parameters)", size=True),
+        "alpha": opt.alpha(1.0, "the scale of the update"),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(
         self, base: nn.Module, *, displacement_rank: int = 1, alpha: float = 1.0, dropout: float = 0.0
     ) -> None:
         super().__init__(base)
         d = check_square(self.method, self.in_features, self.out_features)
-        R = check_int("displacement_rank", displacement_rank)
-        self.alpha = check_number("alpha", alpha)
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        validate(self.declared_options, {"displacement_rank": displacement_rank, "alpha": alpha, "dropout": dropout})
+        R, self.alpha = displacement_rank, float(alpha)
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         self.g = nn.Parameter(torch.zeros(R, d, device=self.param_device))  # (R, d), fp32: circulant columns
         self.h = nn.Parameter(torch.zeros(R, d, device=self.param_device))  # (R, d), fp32: skew-circulant columns
         if not is_restoring():

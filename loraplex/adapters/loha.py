@@ -1,6 +1,6 @@
 """LoHa (LyCORIS / FedPara): the Hadamard product of two low-rank matrices, as HuggingFace PEFT's ``LoHaConfig``.
 
-Also home of the LyCORIS-style dropouts shared with LoKr (``check_probability``, ``lycoris_dropout``).
+Also home of the LyCORIS-style dropouts shared with LoKr (``RANK_DROPOUT`` / ``MODULE_DROPOUT``, ``lycoris_dropout``).
 """
 
 from __future__ import annotations
@@ -12,22 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
+from loraplex.options import Option, validate
 
 INITS = ("zeros", "kaiming")
 
 
-def check_probability(name: str, value: Any) -> float:
-    """A dropout probability in ``[0, 1)``; the error names the option."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r} must be a number in [0, 1)")
-    return float(value)
-
-
-def check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise ValueError(f"alpha={alpha!r} must be a finite number")
-    return float(alpha)
+RANK_DROPOUT = opt.Option("prob", 0.0, "LyCORIS rank dropout: drops whole rank components while training")
+MODULE_DROPOUT = opt.Option("prob", 0.0, "LyCORIS module dropout: skips the whole update while training")
 
 
 def lycoris_dropout(module_p: float, rank_p: float, rows: int, rescale: bool) -> tuple[bool, Tensor | None]:
@@ -157,6 +150,13 @@ class LoHa(Adapter):
     # alpha = 16; LyCORIS advises LoHa learning rates at or above LoRA's. 5e-3 is 5x LoRA's 1e-3.
     default_lr = 5e-3
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(8, "the rank of each Hadamard factor"),
+        "alpha": opt.alpha(8.0),
+        "rank_dropout": RANK_DROPOUT,
+        "module_dropout": MODULE_DROPOUT,
+        "init": opt.choice("zeros", INITS, "how the factors start (zeros: w1_b = 0)"),
+    }
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
 
     def __init__(
@@ -170,11 +170,10 @@ class LoHa(Adapter):
         init: str = "zeros",
     ) -> None:
         super().__init__(base)
-        self.rank = check_int("rank", rank)
-        self.alpha = check_alpha(alpha)
-        self.rank_dropout = check_probability("rank_dropout", rank_dropout)
-        self.module_dropout = check_probability("module_dropout", module_dropout)
-        self.init = check_choice("init", init, INITS)
+        opts = {"rank": rank, "alpha": alpha, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
+        validate(self.declared_options, opts | {"init": init})
+        self.rank, self.alpha, self.init = rank, float(alpha), init
+        self.rank_dropout, self.module_dropout = float(rank_dropout), float(module_dropout)
         self.scale = self.alpha / rank
         d_in, d_out, device = self.in_features, self.out_features, self.param_device
         self.w1_a = nn.Parameter(torch.zeros(d_out, rank, device=device))  # (out, r), fp32

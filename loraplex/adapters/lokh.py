@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._kron import kron_linear
-from loraplex.adapters.loha import check_alpha, hadamard_weight
-from loraplex.adapters.lokr import check_decompose_factor, factorization
+from loraplex.adapters.loha import hadamard_weight
+from loraplex.adapters.lokr import DECOMPOSE_FACTOR, factorization
+from loraplex.options import Option, validate
 
 INITS = ("zeros", "lycoris", "random")
 
@@ -74,6 +77,12 @@ class LoKH(Adapter):
     # (LoRA's default 1e-3) and ~0.07·lr for LoKr (3e-3).
     default_lr = 2e-3
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(4, "the rank of each Hadamard factor"),
+        "alpha": opt.alpha(4.0),
+        "decompose_factor": DECOMPOSE_FACTOR,
+        "init": opt.choice("zeros", INITS, "how the factors start"),
+    }
 
     def __init__(
         self,
@@ -85,10 +94,9 @@ class LoKH(Adapter):
         init: str = "zeros",
     ) -> None:
         super().__init__(base)
-        self.rank = check_int("rank", rank)
-        self.alpha = check_alpha(alpha)
-        self.decompose_factor = check_decompose_factor(decompose_factor)
-        self.init = check_choice("init", init, INITS)
+        opts = {"rank": rank, "alpha": alpha, "decompose_factor": decompose_factor, "init": init}
+        validate(self.declared_options, opts)
+        self.rank, self.alpha, self.decompose_factor, self.init = rank, float(alpha), decompose_factor, init
         self.scale = self.alpha / rank
         in_m, in_n = factorization(self.in_features, decompose_factor)
         out_l, out_k = factorization(self.out_features, decompose_factor)

@@ -10,9 +10,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._kron import kron_linear
-from loraplex.adapters.loha import check_alpha, check_probability, lycoris_dropout
+from loraplex.adapters.loha import MODULE_DROPOUT, RANK_DROPOUT, lycoris_dropout
+from loraplex.options import Option, validate
 
 INITS = ("zeros", "kaiming", "lycoris")
 # Our init names -> PEFT's LoKrConfig.init_weights.
@@ -86,10 +88,10 @@ class KronShapes:
         return w1 + w2
 
 
-def check_decompose_factor(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-        raise ValueError(f"decompose_factor={value!r} must be -1 (near the square root) or an integer >= 1")
-    return value
+DECOMPOSE_FACTOR = Option(
+    "int", -1, "the size of a factor (-1: near the square root)", special=(-1,),
+    rule="-1 (near the square root) or an integer >= 1",
+)  # fmt: skip
 
 
 class LoKr(Adapter):
@@ -163,6 +165,16 @@ class LoKr(Adapter):
     # maps to ~2.5e-3; LyCORIS advises LoKr learning rates above LoRA's.
     default_lr = 3e-3
     size_option = "rank"  # sets the count while a factor is factored (rank < max(rows, cols) / 2)
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(8, "the rank of the factored Kronecker factor"),
+        "alpha": opt.alpha(8.0),
+        "rank_dropout": RANK_DROPOUT,
+        "module_dropout": MODULE_DROPOUT,
+        "rank_dropout_scale": opt.flag(False, "rescale the kept ranks after rank dropout"),
+        "decompose_both": opt.flag(False, "factor the small Kronecker factor too"),
+        "decompose_factor": DECOMPOSE_FACTOR,
+        "init": opt.choice("zeros", INITS, "how the factors start"),
+    }
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
 
     def __init__(
@@ -179,16 +191,13 @@ class LoKr(Adapter):
         init: str = "zeros",
     ) -> None:
         super().__init__(base)
-        self.rank = check_int("rank", rank)
-        self.alpha = check_alpha(alpha)
-        self.rank_dropout = check_probability("rank_dropout", rank_dropout)
-        self.module_dropout = check_probability("module_dropout", module_dropout)
-        for name, flag in (("rank_dropout_scale", rank_dropout_scale), ("decompose_both", decompose_both)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name}={flag!r} must be True or False")
+        opts = {"rank": rank, "alpha": alpha, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
+        flags = {"rank_dropout_scale": rank_dropout_scale, "decompose_both": decompose_both}
+        validate(self.declared_options, opts | flags | {"decompose_factor": decompose_factor, "init": init})
+        self.rank, self.alpha = rank, float(alpha)
+        self.rank_dropout, self.module_dropout = float(rank_dropout), float(module_dropout)
         self.rank_dropout_scale, self.decompose_both = rank_dropout_scale, decompose_both
-        self.decompose_factor = check_decompose_factor(decompose_factor)
-        self.init = check_choice("init", init, INITS)
+        self.decompose_factor, self.init = decompose_factor, init
         self.scale = self.alpha / rank
         kernel = math.prod(self.root_weight.shape[2:]) if self.kind == "conv" else 1
         self.shapes = sh = KronShapes.of(

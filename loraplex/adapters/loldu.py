@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._ops import can_fuse, lowrank_linear
+from loraplex.options import Option, validate
 
 INITS = ("lu", "zeros", "ones", "normal")
 
@@ -80,17 +82,20 @@ class LoLDU(Adapter):
     formula = "rank"
     default_lr = 1e-2  # r values per layer move W0 only through σ = alpha / rank; LoRA's 1e-3 barely moves them
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(8, "the rank r (<= min(in, out))"),
+        "alpha": opt.alpha(1.0, "the scale numerator (scale = alpha / rank)", nonzero=True),
+        "init": opt.choice("lu", INITS, "how the factors start (lu: from the LU of W0)"),
+    }
 
     def __init__(self, base: nn.Module, *, rank: int = 8, alpha: float = 1.0, init: str = "lu") -> None:
         super().__init__(base)
-        check_int("rank", rank)
+        validate(self.declared_options, {"rank": rank, "alpha": alpha, "init": init})
         if rank > min(self.in_features, self.out_features):
             raise ValueError(
                 f"rank={rank} must be <= min(in_features={self.in_features}, out_features={self.out_features})"
             )
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha == 0:
-            raise ValueError(f"alpha={alpha!r} must be a finite non-zero number")
-        self.rank, self.scale, self.init = rank, alpha / rank, check_choice("init", init, INITS)
+        self.rank, self.scale, self.init = rank, alpha / rank, init
         device = self.param_device
         self.register_buffer("PL", torch.zeros(self.out_features, rank, device=device))  # (out, r)
         self.register_buffer("U", torch.zeros(rank, self.in_features, device=device))  # (r, in)

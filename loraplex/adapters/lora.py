@@ -10,17 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import loraplex.options as opt
 from loraplex.adapter import (
     Adapter,
-    check_choice,
-    check_dropout,
     check_finite,
-    check_int,
     embed,
     is_restoring,
     root_layer,
 )
 from loraplex.adapters._ops import can_fuse, lowrank_linear
+from loraplex.options import Option, validate
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 REWRITING_INITS = ("pissa", "olora")
@@ -31,6 +30,17 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     if not isinstance(rslora, bool):  # a truthy 0 / "no" must not pick a scale silently
         raise ValueError(f"rslora={rslora!r} must be True or False")
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_options(inits: tuple[str, ...], init_help: str = "how A and B start") -> dict[str, Option]:
+    """LoRA's options (DoRA, BoRA: their own inits)."""
+    return {
+        "rank": opt.rank(8),
+        "alpha": opt.alpha(16.0),
+        "dropout": opt.dropout(),
+        "rslora": opt.flag(False, "scale by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank"),
+        "init": opt.choice(inits[0], inits, init_help),
+    }
 
 
 def conv_lowrank(root: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -119,6 +129,9 @@ class LoRA(Adapter):
     default_lr = 1e-3  # the paper's GLUE runs use 2e-4..5e-4 for RoBERTa; 1e-3 is PEFT's common choice
     size_option = "rank"
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
+    declared_options: ClassVar[dict[str, Option]] = lora_options(
+        INITS, "how A and B start; pissa / olora factor W0 (SVD / QR) and rewrite it"
+    )
 
     def __init__(
         self,
@@ -131,10 +144,8 @@ class LoRA(Adapter):
         init: str = "kaiming",
     ) -> None:
         super().__init__(base)
-        check_int("rank", rank)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise ValueError(f"alpha={alpha!r} must be a finite number")
-        check_choice("init", init, self.inits())
+        opts = {"rank": rank, "alpha": alpha, "dropout": dropout, "rslora": rslora, "init": init}
+        validate(self.declared_options, opts)
         if init in REWRITING_INITS and rank > min(self.in_features, self.out_features):
             raise ValueError(
                 f"rank={rank} must be <= min(in_features={self.in_features}, "
@@ -147,7 +158,7 @@ class LoRA(Adapter):
         if not is_restoring():
             self.check_base(base, {"init": init})
         self.rank, self.scale, self.init = rank, lora_scale(rank, alpha, rslora), init
-        p_drop = check_dropout(dropout)
+        p_drop = float(dropout)
         if self.kind == "embedding":  # PEFT ignores lora_dropout on token ids
             p_drop = 0.0
         self.dropout = nn.Dropout(p_drop) if p_drop else nn.Identity()

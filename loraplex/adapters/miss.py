@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._ops import can_fuse
+from loraplex.options import Option, validate
 
 
 def shard_sum(x: Tensor, r: int) -> Tensor:
@@ -89,6 +91,13 @@ class MiSS(Adapter):
     # but by ~0.17 lr for LoRA (r = 8, alpha = 16, in = 384), so LoRA's 1e-3 maps to ~2e-4.
     default_lr = 2e-4
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(64, "the shared block's rank r (<= in)"),
+        "variant": opt.choice("balance", ("balance", "mini"), "the block's shape: (r, out) or (r, mini_r)"),
+        "mini_r": Option("int", 1, "columns of the mini block (variant='mini'; divides out)"),
+        "dropout": opt.dropout(),
+        "init": opt.choice("zeros", ("zeros", "kaiming"), "how the block starts"),
+    }
 
     def __init__(
         self,
@@ -101,16 +110,14 @@ class MiSS(Adapter):
         init: str = "zeros",
     ) -> None:
         super().__init__(base)
-        check_int("rank", rank)
-        check_choice("variant", variant, ("balance", "mini"))
-        check_int("mini_r", mini_r)
-        check_choice("init", init, ("zeros", "kaiming"))
+        opts = {"rank": rank, "variant": variant, "mini_r": mini_r, "dropout": dropout, "init": init}
+        validate(self.declared_options, opts)
         if rank > self.in_features:
             raise ValueError(f"rank={rank} must be <= in_features={self.in_features}")
         if variant == "mini" and self.out_features % mini_r:
             raise ValueError(f"mini_r={mini_r} must divide out_features={self.out_features}")
         self.rank, self.variant, self.mini_r, self.init = rank, variant, mini_r, init
-        self.p = check_dropout(dropout)
+        self.p = float(dropout)
         self.dropout = nn.Dropout(self.p) if self.p else nn.Identity()
         cols = mini_r if variant == "mini" else self.out_features
         self.D = nn.Parameter(torch.zeros(rank, cols, device=self.param_device))  # (r, out | mini_r), fp32

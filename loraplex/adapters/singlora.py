@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_choice, check_dropout, check_int, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._ops import can_fuse, lowrank_linear
 from loraplex.adapters.lora import lora_scale
+from loraplex.options import Option, validate
 
 # Both public implementations (kyegomez/SingLoRA and PEFT-SingLoRA, which kyegomez's labels "T parameter
 # from the paper") ramp over 1000 steps; the paper's own default was not found (methods.md section 3).
@@ -73,6 +76,14 @@ class SingLoRA(Adapter):
     formula = "rank * max(in, out)"
     default_lr = 1e-3  # LoRA's: the paper compares at LoRA's learning rates
     size_option = "rank"
+    declared_options: ClassVar[dict[str, Option]] = {
+        "rank": opt.rank(8),
+        "alpha": opt.alpha(8.0),
+        "ramp_steps": Option("int", RAMP_STEPS, "steps over which u ramps from 0 to 1 (0: no ramp)", low=0),
+        "dropout": opt.dropout(),
+        "rslora": opt.flag(False, "scale by alpha / sqrt(rank) instead of alpha / rank"),
+        "init": opt.choice("kaiming", ("kaiming", "gaussian"), "how A starts"),
+    }
 
     def __init__(
         self,
@@ -86,13 +97,12 @@ class SingLoRA(Adapter):
         init: str = "kaiming",
     ) -> None:
         super().__init__(base)
-        check_int("rank", rank)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise ValueError(f"alpha={alpha!r} must be a finite number")
-        self.ramp_steps = check_int("ramp_steps", ramp_steps, low=0)
+        opts = {"rank": rank, "alpha": alpha, "ramp_steps": ramp_steps, "dropout": dropout, "rslora": rslora}
+        validate(self.declared_options, opts | {"init": init})
+        self.ramp_steps = ramp_steps
         self.rank, self.scale = rank, lora_scale(rank, alpha, rslora)
-        self.init = check_choice("init", init, ("kaiming", "gaussian"))
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        self.init = init
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         d = max(self.in_features, self.out_features)
         self.A = nn.Parameter(torch.empty(d, rank, device=self.param_device))  # (max(in, out), r), fp32
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=self.param_device))

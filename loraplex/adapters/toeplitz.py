@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.adapter import Adapter, check_dropout, is_restoring
+import loraplex.options as opt
+from loraplex.adapter import Adapter, is_restoring
 from loraplex.adapters._ops import can_fuse
-from loraplex.adapters._structured import check_number, check_square, compute_dtype, toeplitz, toeplitz_matmul
+from loraplex.adapters._structured import check_square, compute_dtype, toeplitz, toeplitz_matmul
+from loraplex.options import Option, validate
 
 # The merged-weight path pays for itself from about this many rows per feature (see Toeplitz.fusable).
 FUSE_ROWS_PER_FEATURE = 0.75
@@ -64,12 +68,17 @@ class Toeplitz(Adapter):
     # adapters) uses AdamW at 2e-3, the same family of structured vectors.
     default_lr = 2e-3
     size_option = None  # 2d parameters: no size to set
+    declared_options: ClassVar[dict[str, Option]] = {
+        "alpha": opt.alpha(1.0, "the scale of the update"),
+        "dropout": opt.dropout(),
+    }
 
     def __init__(self, base: nn.Module, *, alpha: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__(base)
         d = check_square(self.method, self.in_features, self.out_features)
-        self.alpha = check_number("alpha", alpha)
-        self.dropout = nn.Dropout(p_drop) if (p_drop := check_dropout(dropout)) else nn.Identity()
+        validate(self.declared_options, {"alpha": alpha, "dropout": dropout})
+        self.alpha = float(alpha)
+        self.dropout = nn.Dropout(p_drop) if (p_drop := float(dropout)) else nn.Identity()
         self.a = nn.Parameter(torch.zeros(d, device=self.param_device))  # (d,), fp32
         self.b = nn.Parameter(torch.zeros(d, device=self.param_device))  # (d,), fp32
         if not is_restoring():
