@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraplex.options import Option
+from loraplex.options import Option, validate
 
 _serial = itertools.count()
 _restoring: ContextVar[bool] = ContextVar("loraplex_restoring", default=False)
@@ -159,15 +159,13 @@ def check_layer(root: nn.Module, method: str, kinds: tuple[str, ...]) -> str:
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> int:
-    """Validate an integer option; ``low`` is the smallest allowed value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    """Validate an integer option; ``low`` is the smallest allowed value (through ``options.validate``)."""
+    validate({name: Option("int", None, "", low=low)}, {name: value})
     return value
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+    validate({name: Option("choice", None, "", choices=choices)}, {name: value})
     return value
 
 
@@ -205,8 +203,7 @@ def check_finite(where: str, what: str, tensor: Tensor, why: str) -> None:
 
 
 def check_dropout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout={value!r} must be a number in [0, 1)")
+    validate({"dropout": Option("prob", None, "")}, {"dropout": value})
     return float(value)
 
 
