@@ -71,37 +71,6 @@ def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     return model
 
 
-def _probe_noise(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A deterministic random perturbation of ``t``'s size: ``0.5 (mean|t| + 1) N(0, 1)``."""
-    scale = 0.5 * (t.detach().float().abs().mean().item() + 1.0)
-    return (scale * torch.randn(t.shape, generator=g)).to(device=t.device, dtype=t.dtype)
-
-
-@torch.no_grad()
-def reads_base(a: Adapter) -> bool:
-    """Whether ``a``'s effect depends on its root layer's weight (so changing that weight changes the effect).
-
-    True for adapters that are no weight update (the serial bottleneck adapter acts on the layer output)
-    and for those whose ``delta_weight()`` reads ``W0`` (DoRA / BoRA norms, Bone, i.e. MiSS's Bat). Decided: tested on
-    a copy, not from a list of methods: its own parameters and then its root weight are moved at random
-    (:func:`_probe_noise`); the relative change of ``ΔW`` must stay below ``1e-4``. The first move puts
-    adapters that start at ``ΔW = 0`` (Bone's ``T = 0``) at a generic point.
-    """
-    if not a.weight_update:
-        return True
-    probe = copy.deepcopy(a).eval()  # with the stack below it, down to the root layer
-    g = torch.Generator().manual_seed(0)
-    for _, p in probe.own_parameters():
-        if p.is_floating_point():
-            p.add_(_probe_noise(p, g))
-    before = probe.delta_weight().detach().clone()
-    W = probe.weight
-    W.add_(_probe_noise(W, g))
-    after = probe.delta_weight().detach()
-    change = (after.double() - before.double()).norm().nan_to_num(float("inf"))
-    return bool(change > 1e-4 * (before.double().norm().nan_to_num(0.0) + 1e-12))
-
-
 @torch.no_grad()
 def rewrites_base(a: Adapter) -> bool:
     """Whether ``a.release()`` changes the root weight (PiSSA / OLoRA give their residual back); tested on a copy."""
@@ -122,7 +91,7 @@ def _detach(model: nn.Module, where: str, top: nn.Module, a: Adapter, below: nn.
 
 
 def _blocker(stack: Sequence[Adapter], a: Adapter) -> Adapter | None:
-    return next((o for o in stack if o is not a and reads_base(o)), None)
+    return next((o for o in stack if o is not a and o.reads_base_weight), None)
 
 
 def remove(model: nn.Module, name: str) -> nn.Module:
@@ -138,7 +107,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: an unknown ``name`` (the message lists the model's adapters); or an adapter whose
             ``release()`` rewrites the base weight (PiSSA / OLoRA) on a layer where another adapter
-            reads that weight (:func:`reads_base`: DoRA, BoRA, Bone (Bat), the bottleneck adapter),
+            reads that weight (``Adapter.reads_base_weight``: DoRA, BoRA, Bone (Bat), the bottleneck adapter),
             whose output would change. Every check runs first: on error the model is unchanged.
     """
     found = named_layers(model, name)
@@ -166,7 +135,7 @@ def merge_named(model: nn.Module, name: str) -> nn.Module:
 
     Raises:
         ValueError: an unknown ``name``; a ``name`` adapter that is no weight update; another adapter on
-            such a layer that reads the base weight (:func:`reads_base`: DoRA / BoRA norms, Bone,
+            such a layer that reads the base weight (``Adapter.reads_base_weight``: DoRA / BoRA norms, Bone,
             the bottleneck adapter), whose effect the merge would change (decided: refused
             rather than merged with a changed effect; merge everything with ``merge(model)``); a merged
             weight with NaN or inf. Every check runs first: on error the model is unchanged.
