@@ -19,8 +19,14 @@ Optional, declared capabilities (default: none; consumers ask for them, never fo
 * ``factor_blocks()``: the same as terms LoRA-Pro can step, GraLoRA's block grid included.
 * ``product_pairs()``: ``(A, B, scale)`` that the adapter uses only through ``scale · B @ A`` (LoRA,
   DoRA, BoRA); LoRA+ gives their ``B`` its fast rate, hot-swap pads their rank.
+* ``reads_base_weight``: ΔW depends on the root weight (DoRA, BoRA, Bone, the bottleneck adapter);
+  ``merge_named`` / ``remove`` refuse to change the base weight under such an adapter.
+* ``rank_axes()``: the parameters and axes along which ΔW is a sum of rank components (AdaLoRA, ElaLoRA,
+  ARD-LoRA); the allocators mask, prune and grow along them.
+* ``layer_kinds``: the layer kinds the method adapts (``check_layer`` refuses the others).
 
-tests/test_factor_pairs.py checks every registered method's claims numerically.
+tests/test_factor_pairs.py checks every registered method's factor claims numerically, the property matrix
+(tests/test_properties.py) the others.
 
 Stacked adapters add up: each adapter's effect is taken relative to the innermost (root) layer's
 weight, never relative to the output of the adapter below it.
@@ -391,6 +397,26 @@ class Adapter(nn.Module):
     # the method cannot be fitted. Declared by LoHa ("hadamard"), LoKr ("kronecker"), LoKH
     # ("kronecker_hadamard"); tests/test_decompose.py checks every registered method's claim numerically.
     fit_structure: ClassVar[str | None] = None
+
+    # Declared: ΔW (or, for an adapter that is no weight update, its effect) reads the root layer's weight, so
+    # that changing that weight changes the adapter's effect (DoRA / BoRA: a norm of W0 + s B A; Bone: W0's
+    # blocks times T; the serial bottleneck adapter acts on the layer output). Merging another adapter into
+    # the base, or giving a residual back to it, would change theirs (``merge_named`` / ``remove`` refuse).
+    # The property matrix probes every registered method's claim numerically (test_reads_base_weight_is_declared).
+    reads_base_weight: ClassVar[bool] = False
+
+    def rank_axes(self) -> dict[str, int]:
+        """``{own parameter name: axis}``: the parameters whose slices along ``axis`` are the rank components.
+
+        Every declared axis has the current rank ``r`` as its length, and ``delta_weight()`` is a sum over
+        ``k < r`` of terms each of which reads only slice ``k`` of the declared parameters (and is linear in
+        nothing else of them): zeroing slice ``k`` of every declared parameter removes exactly that term, so
+        ``ΔW = ΔW(slice k zeroed) + ΔW(all slices but k zeroed)``. Rank allocators mask, prune and grow along
+        these axes. Empty (the default) claims nothing. Declared by AdaLoRA and ElaLoRA (``P``, ``Λ``, ``Q`` as
+        ``B``, ``E``, ``A``) and ARD-LoRA with one head (``A``, ``B``; with several heads component ``j`` is
+        row ``h r0 + j`` of ``A`` for every head ``h``, not one axis). tests/test_properties.py checks it.
+        """
+        return {}
 
     def reads_residual_base(self) -> bool:
         """True when the adapter's init rewrote the frozen base weight (PiSSA / OLoRA's ``W0 - s B0 A0``).

@@ -56,6 +56,29 @@ def named_layers(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, Adap
     return found
 
 
+def adapters_of(model: nn.Module, method: str | None, name: str | None, who: str) -> dict[str, Adapter]:
+    """``layer -> adapter`` of ``method`` (None: any) called ``name`` (None: their only name in the model).
+
+    The allocators' selection (and ``export_peft``'s). By method name, not isinstance: doctests import the
+    modules a second time (``--import-mode=importlib``), whose classes are not those that built the adapters.
+
+    Raises:
+        ValueError: no such adapter (the message, which starts with ``who``, lists the model's methods); several
+            names and ``name`` None; a ``name`` that is none of them.
+    """
+    found = [(n, a) for n, a in adapters(model) if method is None or a.method == method]
+    names, what = sorted({a.name for _, a in found}), f"{method} adapters" if method else "adapters"
+    if not found:
+        methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
+        how = f" (loraplex.adapt(model, {method!r}))" if method else ""
+        raise ValueError(f"{who} needs a model with {what}{how}; this model has: {', '.join(methods)}")
+    if name is None and len(names) > 1:
+        raise ValueError(f"the model has several {what} {names}; pass name=")
+    if name is not None and name not in names:
+        raise ValueError(f"name={name!r} is not one of the model's {what} {names}")
+    return {n: a for n, a in found if a.name == (names[0] if name is None else name)}
+
+
 def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     """Make exactly the adapters called ``names`` active (a name or a list; ``[]``: none), the others inactive.
 
@@ -69,37 +92,6 @@ def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     for _, a in adapters(model):
         a.active = a.name in wanted
     return model
-
-
-def _probe_noise(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A deterministic random perturbation of ``t``'s size: ``0.5 (mean|t| + 1) N(0, 1)``."""
-    scale = 0.5 * (t.detach().float().abs().mean().item() + 1.0)
-    return (scale * torch.randn(t.shape, generator=g)).to(device=t.device, dtype=t.dtype)
-
-
-@torch.no_grad()
-def reads_base(a: Adapter) -> bool:
-    """Whether ``a``'s effect depends on its root layer's weight (so changing that weight changes the effect).
-
-    True for adapters that are no weight update (the serial bottleneck adapter acts on the layer output)
-    and for those whose ``delta_weight()`` reads ``W0`` (DoRA / BoRA norms, Bone, i.e. MiSS's Bat). Decided: tested on
-    a copy, not from a list of methods: its own parameters and then its root weight are moved at random
-    (:func:`_probe_noise`); the relative change of ``ΔW`` must stay below ``1e-4``. The first move puts
-    adapters that start at ``ΔW = 0`` (Bone's ``T = 0``) at a generic point.
-    """
-    if not a.weight_update:
-        return True
-    probe = copy.deepcopy(a).eval()  # with the stack below it, down to the root layer
-    g = torch.Generator().manual_seed(0)
-    for _, p in probe.own_parameters():
-        if p.is_floating_point():
-            p.add_(_probe_noise(p, g))
-    before = probe.delta_weight().detach().clone()
-    W = probe.weight
-    W.add_(_probe_noise(W, g))
-    after = probe.delta_weight().detach()
-    change = (after.double() - before.double()).norm().nan_to_num(float("inf"))
-    return bool(change > 1e-4 * (before.double().norm().nan_to_num(0.0) + 1e-12))
 
 
 @torch.no_grad()
@@ -122,7 +114,7 @@ def _detach(model: nn.Module, where: str, top: nn.Module, a: Adapter, below: nn.
 
 
 def _blocker(stack: Sequence[Adapter], a: Adapter) -> Adapter | None:
-    return next((o for o in stack if o is not a and reads_base(o)), None)
+    return next((o for o in stack if o is not a and o.reads_base_weight), None)
 
 
 def remove(model: nn.Module, name: str) -> nn.Module:
@@ -138,7 +130,7 @@ def remove(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: an unknown ``name`` (the message lists the model's adapters); or an adapter whose
             ``release()`` rewrites the base weight (PiSSA / OLoRA) on a layer where another adapter
-            reads that weight (:func:`reads_base`: DoRA, BoRA, Bone (Bat), the bottleneck adapter),
+            reads that weight (``Adapter.reads_base_weight``: DoRA, BoRA, Bone (Bat), the bottleneck adapter),
             whose output would change. Every check runs first: on error the model is unchanged.
     """
     found = named_layers(model, name)
@@ -166,7 +158,7 @@ def merge_named(model: nn.Module, name: str) -> nn.Module:
 
     Raises:
         ValueError: an unknown ``name``; a ``name`` adapter that is no weight update; another adapter on
-            such a layer that reads the base weight (:func:`reads_base`: DoRA / BoRA norms, Bone,
+            such a layer that reads the base weight (``Adapter.reads_base_weight``: DoRA / BoRA norms, Bone,
             the bottleneck adapter), whose effect the merge would change (decided: refused
             rather than merged with a changed effect; merge everything with ``merge(model)``); a merged
             weight with NaN or inf. Every check runs first: on error the model is unchanged.

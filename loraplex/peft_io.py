@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from loraplex.adapter import Adapter, restoring
 from loraplex.adapters import METHODS
 from loraplex.files import read_json, read_tensors, write_json, write_tensors
-from loraplex.inject import adapters, add_trained, bind_options, build, layers, match, trained_modules
+from loraplex.inject import add_trained, bind_options, build, layers, match, trained_modules
+from loraplex.named import adapters_of
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -70,10 +71,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str], name: str |
     ``peft.PeftModel.from_pretrained(base, directory)`` then gives the same outputs on the same base.
     The modules named in ``train`` travel as ``modules_to_save``.
     """
-    chosen = [(n, a) for n, a in adapters(model) if name is None or a.name == name]
-    names = sorted({a.name for _, a in chosen})
-    if len(names) != 1:
-        raise ValueError(f"export_peft needs exactly one adapter name, found {names}; pass name=")
+    chosen = list(adapters_of(model, None, name, "export_peft").items())
     types = {a.peft_type for _, a in chosen}
     if None in types or len(types) != 1:
         methods = sorted({a.method for _, a in chosen})

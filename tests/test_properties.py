@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 
 import loraplex
 from loraplex import METHODS, Adapter
-from loraplex.adapter import linear_sizes
+from loraplex.adapter import KINDS, linear_sizes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
@@ -324,3 +325,93 @@ def test_two_adapters_on_one_layer_add_up(case: Case, model_spec: Model) -> None
             torch.testing.assert_close(top(x), root + x @ delta.T, **tol(case))
         else:  # convolution or embedding: the root layer run with W + ΔW (property 9)
             torch.testing.assert_close(top(x), with_weight(top, x, delta), **tol(case))
+
+
+# F. Declared capabilities (loraplex/adapter.py): each declaration equals what a probe measures -------
+
+
+def _noise(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A deterministic random perturbation of ``t``'s size: ``0.5 (mean|t| + 1) N(0, 1)``."""
+    return 0.5 * (t.abs().mean().item() + 1.0) * torch.randn(t.shape, generator=g, dtype=t.dtype)
+
+
+@torch.no_grad()
+def probe_reads_base(a: Adapter) -> bool:
+    """Whether moving the root weight at random changes the adapter's effect ``a(x) - root(x)`` (on a copy).
+
+    Its own parameters are moved first, which puts adapters that start at no effect (Bone's ``T = 0``) at a
+    generic point; "changes": by more than ``1e-4`` relative.
+    """
+    probe = copy.deepcopy(a).double().eval()
+    g = torch.Generator().manual_seed(0)
+    for _, p in probe.own_parameters():
+        if p.is_floating_point():
+            p.add_(_noise(p, g))
+    x = layer_input(probe)
+    x = x if x.dtype == torch.long else x.double()
+    before = probe(x) - probe.root(x)
+    probe.weight.add_(_noise(probe.weight, g))
+    change = (probe(x) - probe.root(x) - before).norm()
+    return bool(change > 1e-4 * (before.norm() + 1e-12))
+
+
+def test_reads_base_weight_is_declared(case: Case) -> None:
+    """``reads_base_weight`` (hot-swap / merge_named / remove rely on it) equals the numeric probe."""
+    model = loraplex.adapt(case.specs[0].make(), case.method, targets=case.targets, **case.options)
+    for n, a in loraplex.adapters(model):
+        assert probe_reads_base(a) == type(a).reads_base_weight, n
+
+
+def kind_layer(kind: str, case: Case) -> nn.Module:
+    """A small layer of each kind: the case's linear, a padded Conv2d, an embedding with a padding index."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        return nn.Conv2d(4, 8, 3, padding=1)
+    return nn.Embedding(11, 8, padding_idx=0) if kind == "embedding" else nn.Linear(*case.layer)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_kinds_are_declared(case: Case, kind: str) -> None:
+    """A declared kind is adapted (weight updates: the layer run with ``W + delta_weight()``); any other is refused."""
+    layer = kind_layer(kind, case)
+    cls = METHODS[case.method]
+    if kind not in cls.supported_kinds():
+        with pytest.raises(ValueError, match=rf"{case.method!r} cannot adapt {type(layer).__name__} layers"):
+            loraplex.adapt(nn.Sequential(layer), case.method, targets=["0"], **case.options)
+        return
+    model = loraplex.adapt(nn.Sequential(layer).eval(), case.method, targets=["0"], **case.options)
+    perturb(model)
+    a = model[0]
+    x = layer_input(a)
+    if case.weight_update:
+        torch.testing.assert_close(a(x), with_weight(a, x, a.delta_weight()), **tol(case))
+    else:
+        assert torch.isfinite(a(x)).all()
+
+
+@torch.no_grad()
+def delta_with(a: Adapter, keep: torch.Tensor) -> torch.Tensor:
+    """``delta_weight()`` of a copy of ``a`` whose rank components not in ``keep`` (a bool mask) are zeroed."""
+    b = copy.deepcopy(a)
+    for name, axis in b.rank_axes().items():
+        p = b.get_parameter(name)
+        p.mul_(keep.to(p.dtype).view([-1 if d == axis else 1 for d in range(p.dim())]))
+    return b.delta_weight()
+
+
+def test_rank_axes_split_delta_weight(case: Case) -> None:
+    """``rank_axes()`` (the allocators' axes): one length ``r``; ``ΔW = ΔW(k zeroed) + ΔW(only k)`` for each ``k``."""
+    a = METHODS[case.method](nn.Linear(*case.layer), **case.options).double().eval()
+    perturb(nn.Sequential(a))
+    axes = a.rank_axes()
+    lengths = {a.get_parameter(n).shape[axis] for n, axis in axes.items()}
+    assert len(lengths) == (1 if axes else 0)
+    if axes:
+        r = lengths.pop()
+        full = a.delta_weight().detach()
+        parts = []
+        for k in range(r):
+            only = torch.arange(r) == k
+            parts.append(delta_with(a, only))
+            torch.testing.assert_close(delta_with(a, ~only) + parts[-1], full, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sum(parts), full, rtol=1e-10, atol=1e-12)

@@ -120,6 +120,9 @@ class AdaLoRA(Adapter):
     def delta_weight(self) -> Tensor:
         return svd_delta(self.A, self.E, self.B, self.scaling, self.ranknum)  # (out, in)
 
+    def rank_axes(self) -> dict[str, int]:
+        return {"A": 0, "E": 0, "B": 1}  # Q's rows, Λ, P's columns: ΔW = Σ_k P_k Λ_k Q_k · scaling / r0
+
     peft_type = "ADALORA"
     peft_keys: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
 

@@ -210,3 +210,7 @@ class ARDLoRA(Adapter):
         A = self.A.view(self.heads, self.rank, self.in_features)  # (H, r0, in)
         scaled = B * (self.scale * self.mask())[:, None, :]
         return torch.bmm(scaled, A).reshape(self.out_features, self.in_features)  # (out, in)
+
+    def rank_axes(self) -> dict[str, int]:
+        # several heads: component j is row h r0 + j of A for every head h, not one axis (Adapter.rank_axes)
+        return {"A": 0, "B": 1} if self.heads == 1 else {}

@@ -97,6 +97,7 @@ class Bone(Adapter):
     """
 
     method = "bone"
+    reads_base_weight = True  # ΔW reads W0 (see Adapter.reads_base_weight)
     paper = "https://arxiv.org/abs/2409.15371"
     formula = "rank * out"
     # Unmeasured. PEFT's MetaMathQA benchmark trains "bat" with AdamW at 1e-4 (Llama-3.2-3B); the author's

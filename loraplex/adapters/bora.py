@@ -86,6 +86,7 @@ class BoRA(LoRA):
     """
 
     method = "bora"
+    reads_base_weight = True  # ΔW reads W0 (see Adapter.reads_base_weight)
     paper = "https://arxiv.org/abs/2412.06441"
     formula = "rank * (in + out) + in + out"
     default_lr = 1e-3  # DoRA's (and LoRA's): the paper builds on DoRA's setup

@@ -119,6 +119,7 @@ class Bottleneck(Adapter):
     """
 
     method = "adapter"
+    reads_base_weight = True  # its effect acts on the base output
     weight_update = False
     paper = "https://arxiv.org/abs/1902.00751"
     formula = (

@@ -68,6 +68,7 @@ class DoRA(LoRA):
     """
 
     method = "dora"
+    reads_base_weight = True  # ΔW reads W0 (see Adapter.reads_base_weight)
     paper = "https://arxiv.org/abs/2402.09353"
     formula = "rank * (in + out) + out"
     default_lr = 1e-3  # as LoRA: the paper reuses LoRA's learning rates

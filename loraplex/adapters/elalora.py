@@ -153,6 +153,9 @@ class ElaLoRA(Adapter):
     def delta_weight(self) -> Tensor:
         return svd_delta(self.A, self.E, self.B, self.scaling, self.ranknum)  # (out, in)
 
+    def rank_axes(self) -> dict[str, int]:
+        return dict(RANK_DIM)  # prune / grow slice these
+
     @torch.no_grad()
     def _replace(self, A: Tensor, E: Tensor, B: Tensor) -> None:
         grad = self.A.requires_grad

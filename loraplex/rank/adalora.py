@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from loraplex.adapter import check_int
 from loraplex.adapters.adalora import AdaLoRA
-from loraplex.inject import adapters
+from loraplex.named import adapters_of
 from loraplex.rank.base import Allocator
 
 PARTS = ("A", "E", "B")
@@ -131,8 +131,8 @@ def update_emas(
     The same arithmetic as :func:`smooth`, as multi-tensor (``torch._foreach_*``) kernels over every
     tensor at once: a few launches per step instead of ~8 per tensor.
     """
-    keys = [(n, part) for n in layers for part in PARTS]
-    ps = [getattr(layers[n], part) for n, part in keys]
+    keys = [(n, part) for n in layers for part in layers[n].rank_axes()]  # A, E, B
+    ps = [layers[n].get_parameter(part) for n, part in keys]
     for (n, part), p in zip(keys, ps, strict=True):
         avg.setdefault(n, {}).setdefault(part, torch.zeros_like(p))
         unc.setdefault(n, {}).setdefault(part, torch.zeros_like(p))
@@ -208,21 +208,8 @@ class AdaLoRAAllocator(Allocator):
         name: str | None = None,
     ) -> None:
         super().__init__(model, total_steps)
-        # by method name, not isinstance: doctests import this module a second time (--import-mode=importlib)
-        found = [(n, a) for n, a in adapters(model) if a.method == AdaLoRA.method]
-        names = sorted({a.name for _, a in found})
-        if not found:
-            methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
-            raise ValueError(
-                f"the adalora allocator needs a model with adalora adapters (loraplex.adapt(model, 'adalora')); "
-                f"this model has: {', '.join(methods)}"
-            )
-        if name is None and len(names) > 1:
-            raise ValueError(f"the model has several adalora adapters {names}; pass name=")
-        if name is not None and name not in names:
-            raise ValueError(f"name={name!r} is not one of the model's adalora adapters {names}")
-        chosen = names[0] if name is None else name
-        self.layers: dict[str, AdaLoRA] = {n: cast(AdaLoRA, a) for n, a in found if a.name == chosen}
+        found = adapters_of(model, AdaLoRA.method, name, "the adalora allocator")
+        self.layers: dict[str, AdaLoRA] = {n: cast(AdaLoRA, a) for n, a in found.items()}
         self.target_r = check_int("target_r", target_r)
         self.tinit, self.tfinal = check_int("tinit", tinit, low=0), check_int("tfinal", tfinal, low=0)
         self.deltaT = check_int("deltaT", deltaT)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapters.ardlora import ARDLoRA
-from loraplex.inject import adapters
+from loraplex.named import adapters_of
 from loraplex.rank.base import Allocator
 
 
@@ -120,21 +120,8 @@ class ARDLoRAAllocator(Allocator):
         name: str | None = None,
     ) -> None:
         super().__init__(model, total_steps)
-        # by method name, not isinstance: doctests import modules a second time (--import-mode=importlib)
-        found = [(n, a) for n, a in adapters(model) if a.method == ARDLoRA.method]
-        names = sorted({a.name for _, a in found})
-        if not found:
-            methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
-            raise ValueError(
-                f"the ardlora allocator needs a model with ardlora adapters (loraplex.adapt(model, 'ardlora')); "
-                f"this model has: {', '.join(methods)}"
-            )
-        if name is None and len(names) > 1:
-            raise ValueError(f"the model has several ardlora adapters {names}; pass name=")
-        if name is not None and name not in names:
-            raise ValueError(f"name={name!r} is not one of the model's ardlora adapters {names}")
-        chosen = names[0] if name is None else name
-        self.layers: dict[str, ARDLoRA] = {n: cast(ARDLoRA, a) for n, a in found if a.name == chosen}
+        found = adapters_of(model, ARDLoRA.method, name, "the ardlora allocator")
+        self.layers: dict[str, ARDLoRA] = {n: cast(ARDLoRA, a) for n, a in found.items()}
         self.l1, self.tv = _check_weight("l1", l1), _check_weight("tv", tv)
         self.lr_scale = _check_weight("lr_scale", lr_scale)
         self.prev: dict[str, Tensor] = {n: a.rank_scale.detach().clone() for n, a in self.layers.items()}

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapter import check_int
-from loraplex.adapters.elalora import RANK_DIM, ElaLoRA
-from loraplex.inject import adapters
+from loraplex.adapters.elalora import ElaLoRA
+from loraplex.named import adapters_of
 from loraplex.rank.adalora import PARTS, add_orth_gradients, triplet_scores, update_emas
 from loraplex.rank.base import Allocator
 
@@ -238,21 +238,8 @@ class ElaLoRAAllocator(Allocator):
                 f"with {dist.get_world_size()} processes, rebuild the wrapper whenever `resized` is True and pass "
                 "ddp_rewrap=True (loraplex.finetune does both)"
             )
-        # by method name, not isinstance: doctests import this module a second time (--import-mode=importlib)
-        found = [(n, a) for n, a in adapters(model) if a.method == ElaLoRA.method]
-        names = sorted({a.name for _, a in found})
-        if not found:
-            methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
-            raise ValueError(
-                f"the elalora allocator needs a model with elalora adapters (loraplex.adapt(model, 'elalora')); "
-                f"this model has: {', '.join(methods)}"
-            )
-        if name is None and len(names) > 1:
-            raise ValueError(f"the model has several elalora adapters {names}; pass name=")
-        if name is not None and name not in names:
-            raise ValueError(f"name={name!r} is not one of the model's elalora adapters {names}")
-        chosen = names[0] if name is None else name
-        self.layers: dict[str, ElaLoRA] = {n: cast(ElaLoRA, a) for n, a in found if a.name == chosen}
+        found = adapters_of(model, ElaLoRA.method, name, "the elalora allocator")
+        self.layers: dict[str, ElaLoRA] = {n: cast(ElaLoRA, a) for n, a in found.items()}
         self.b0, self.k = check_int("b", b), check_int("k", k)
         warm = min(500, total_steps // 5)
         self.init_warmup = check_int("init_warmup", warm if init_warmup is None else init_warmup, low=0)
@@ -306,7 +293,8 @@ class ElaLoRAAllocator(Allocator):
             if drop.numel() == 0 and more == 0:
                 continue
             self.resized = True
-            old = {p: getattr(a, p) for p in PARTS}
+            axes = a.rank_axes()  # the parameters prune / grow slice, and their rank axis
+            old = {p: a.get_parameter(p) for p in axes}
             mask = torch.ones(a.current_rank, dtype=torch.bool)
             mask[drop] = False
             keep = mask.nonzero().view(-1)
@@ -314,12 +302,11 @@ class ElaLoRAAllocator(Allocator):
                 a.prune(keep)
             for _ in range(more):
                 a.grow(self.generator)
-            for p in PARTS:
-                dim = RANK_DIM[p]
+            for p, dim in axes.items():
                 self.avg[n][p] = remap(self.avg[n][p], keep, more, dim)
                 self.unc[n][p] = remap(self.unc[n][p], keep, more, dim)
-                carry_optimizer(optimizer, old[p], getattr(a, p), keep, more, dim)
-                state = optimizer.state.get(getattr(a, p), {})
+                carry_optimizer(optimizer, old[p], a.get_parameter(p), keep, more, dim)
+                state = optimizer.state.get(a.get_parameter(p), {})
                 now = float(state["step"]) if "step" in state else 0.0
                 born = self.born.get(n, {}).get(p, torch.zeros(old[p].shape[dim], dtype=torch.float64))
                 born = torch.cat([born[keep], torch.full((more,), now, dtype=torch.float64)])
@@ -338,7 +325,7 @@ class ElaLoRAAllocator(Allocator):
                     if "step" not in state or float(state["step"]) == self._seen.get((n, p)):
                         continue  # not stepped since the last correction (no gradient)
                     self._seen[(n, p)] = float(state["step"])
-                    fix = fresh_adam_correction(optimizer, param, born, RANK_DIM[p])
+                    fix = fresh_adam_correction(optimizer, param, born, self.layers[n].rank_axes()[p])
                     if fix is not None:
                         param.add_(fix)
                     tau = float(state["step"]) - born
@@ -386,9 +373,9 @@ class ElaLoRAAllocator(Allocator):
 
         for n, parts in state.get("born", {}).items():
             for p, v in parts.items():
-                if n not in self.layers or p not in PARTS:
+                if n not in self.layers or p not in self.layers[n].rank_axes():
                     raise ValueError(f"allocator state 'born' names {n}.{p}, which this model lacks")
-                want = getattr(self.layers[n], p).shape[RANK_DIM[p]]
+                want = self.layers[n].get_parameter(p).shape[self.layers[n].rank_axes()[p]]
                 if tuple(v.shape) != (want,):
                     raise ValueError(
                         f"allocator state 'born' of {n}.{p} has shape {tuple(v.shape)}, the model's rank is {want} "
