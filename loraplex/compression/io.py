@@ -175,7 +175,7 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
     dtype = getattr(torch, spec["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{d / SPEC_FILE}: dtype={spec['dtype']!r} is not a torch dtype")
-    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
+    tensors = read_matching_tensors(spec.get("tensors_sha256"), d / SPEC_FILE, d / TENSOR_FILE)
     if model is None:
         model = _hf_model(d, spec["model_class"])
     host = _host(model, spec["model_class"])
