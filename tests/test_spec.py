@@ -177,3 +177,46 @@ def test_unknown_keys_warn_and_are_dropped(tmp_path: Path) -> None:
         with pytest.warns(UserWarning, match=r"ignoring unknown keys \['zz'\]"):
             spec = AdapterSpec.from_json(obj, where)
     assert spec.to_json() == MULTI | {"adapters": MULTI["adapters"][:1]}
+
+
+# compression.json, the same treatment: a literal v1 file (as loraplex writes it, without the digest) loads.
+COMPRESSED: dict[str, Any] = {
+    "format": "loraplex-compressed",
+    "format_version": 1,
+    "model_class": "Sequential",
+    "dtype": "float32",
+    "layers": {
+        "0": {"kind": "lowrank", "in": 24, "out": 40, "rank": 2, "bias": True},
+        "2": {"kind": "lowrank", "in": 40, "out": 32, "rank": 2, "bias": False},
+    },
+}
+
+
+def test_a_hand_written_v1_compression_spec_loads_and_constraints_name_the_file(tmp_path: Path) -> None:
+    from loraplex.compression.io import CompressionSpec, load_compressed, save_compressed
+    from loraplex.compression.lord import compress
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 32, bias=False))
+
+    model = compress(base(), rank=2)
+    save_compressed(model, tmp_path)
+    where = tmp_path / "compression.json"
+    written = json.loads(where.read_text())
+    assert list(written) == [*COMPRESSED, "tensors_sha256"] and isinstance(written.pop("tensors_sha256"), str)
+    assert written == COMPRESSED
+    where.write_text(json.dumps(COMPRESSED, indent=2))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path, base())(x), model(x), rtol=0, atol=0)
+    assert CompressionSpec.from_json(COMPRESSED, where).to_json() == COMPRESSED
+    bad_layer = {"0": COMPRESSED["layers"]["0"] | {"rank": True}}
+    for edit, message in [
+        ({"dtype": "Tensor"}, "dtype='Tensor' is not a torch dtype"),
+        ({"model_class": 3}, "'model_class' and 'dtype' must be strings"),
+        ({"layers": bad_layer}, "layer '0' has a malformed entry"),
+        ({"tensors_sha256": None}, "tensors_sha256 must be a string"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(where))}: {message}"):
+            CompressionSpec.from_json(COMPRESSED | edit, where)
