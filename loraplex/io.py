@@ -1,12 +1,9 @@
 """Checkpoints: adapter tensors in safetensors, the spec in JSON, both written atomically.
 
 A checkpoint directory holds ``adapter.safetensors`` (every adapter's own parameters and buffers,
-and the full state of the modules named in ``train``) and ``adapter.json``::
-
-    {"format": "loraplex.adapter", "format_version": 1, "loraplex_version": "0.1.0",
-     "adapters": [{"name": "default", "method": "lora", "options": {...}, "layers": [...],
-                   "sizes": [[in_features, out_features], ...]}],
-     "train": ["classifier"]}
+and the full state of the modules named in ``train``) and ``adapter.json``, the typed, versioned
+record :class:`loraplex.spec.AdapterSpec` (its layout, and the one place the JSON is checked: see
+:mod:`loraplex.spec`).
 
 Nothing is ever unpickled: JSON is parsed with ``json`` and tensors read with safetensors.
 Both files are written atomically (:mod:`loraplex.files`), the tensors renamed into place before the
@@ -24,39 +21,35 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from loraplex._version import __version__
 from loraplex.adapter import Adapter, linear_sizes, restoring
-from loraplex.adapters import METHODS
 from loraplex.files import read_json, read_tensors, tensor_digest, write_json, write_tensors
 from loraplex.files import save_pretrained as save_pretrained  # re-exported: tests and benchmarks import these here
 from loraplex.files import write_figure as write_figure
 from loraplex.files import write_text as write_text
 from loraplex.inject import NAME_RE, adapters, add_trained, bind_options, build, layers, trained_modules
+from loraplex.spec import AdapterSpec, SpecEntry
+from loraplex.spec import check_header as check_header  # re-exported: compression.io and tests use it here
 
-FORMAT = "loraplex.adapter"
-FORMAT_VERSION = 1
 SPEC_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
-SPEC_KEYS = {"format", "format_version", "loraplex_version", "adapters", "train", "tensors_sha256"}
-ENTRY_KEYS = {"name", "method", "options", "layers", "sizes"}
 
 
-def read_matching_tensors(spec: dict[str, Any], spec_path: Path, tensor_path: Path) -> dict[str, Tensor]:
-    """The tensors of ``tensor_path``, refused unless they are the ones ``spec`` was saved with.
+def read_matching_tensors(want: str | None, spec_path: Path, tensor_path: Path) -> dict[str, Tensor]:
+    """The tensors of ``tensor_path``, refused unless their digest is ``want`` (the spec's ``tensors_sha256``).
 
     A two-file save (tensors, then the spec naming their ``tensors_sha256``) killed between its two
     renames leaves new tensors beside an old spec: that pair is a ``ValueError``, never a silent mix.
     Files without digests (written by hand or another tool) are read as they are.
     """
     tensors = read_tensors(tensor_path)
-    want, got = spec.get("tensors_sha256"), tensor_digest(tensor_path)
+    got = tensor_digest(tensor_path)
     if want is not None and got is not None and got != want:
         raise ValueError(
             f"{tensor_path.parent}: {tensor_path.name} and {spec_path.name} come from different saves (the spec "
@@ -65,26 +58,23 @@ def read_matching_tensors(spec: dict[str, Any], spec_path: Path, tensor_path: Pa
     return tensors
 
 
-def spec_of(model: nn.Module) -> dict[str, Any]:
-    """The JSON spec that re-creates the model's adapters on a fresh base model."""
-    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-    first: dict[tuple[str, str, str], int] = {}
+def spec_of(model: nn.Module) -> AdapterSpec:
+    """The spec that re-creates the model's adapters on a fresh base model (no ``tensors_sha256`` yet)."""
+    groups: dict[tuple[str, str, str], list[tuple[str, Adapter]]] = {}
     for layer, a in adapters(model):
-        key = (a.name, a.method, json.dumps(a.options, sort_keys=True))
-        entry = groups.setdefault(
-            key, {"name": a.name, "method": a.method, "options": a.options, "layers": [], "sizes": []}
-        )
-        entry["layers"].append(layer)
-        entry["sizes"].append([a.in_features, a.out_features])
-        first[key] = min(first.get(key, a.serial), a.serial)
-    ordered = sorted(groups, key=first.__getitem__)  # creation order keeps stacks in the same order
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "loraplex_version": __version__,
-        "adapters": [groups[k] for k in ordered],
-        "train": trained_modules(model),
-    }
+        groups.setdefault((a.name, a.method, json.dumps(a.options, sort_keys=True)), []).append((layer, a))
+    ordered = sorted(groups.values(), key=lambda g: min(a.serial for _, a in g))  # creation order keeps stacks
+    entries = tuple(
+        SpecEntry(
+            g[0][1].method,
+            tuple(n for n, _ in g),
+            dict(g[0][1].options),
+            g[0][1].name,
+            tuple((a.in_features, a.out_features) for _, a in g),
+        )  # fmt: skip
+        for g in ordered
+    )
+    return AdapterSpec(entries, tuple(trained_modules(model)), __version__)
 
 
 def tensors_of(model: nn.Module) -> dict[str, Tensor]:
@@ -98,26 +88,21 @@ def tensors_of(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def saved_names(spec: dict[str, Any]) -> list[str]:
-    """The adapter names a spec holds, sorted."""
-    return sorted({e.get("name", "default") for e in spec["adapters"]})
-
-
-def only(spec: dict[str, Any], tensors: dict[str, Tensor], name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def only(spec: AdapterSpec, tensors: dict[str, Tensor], name: str) -> tuple[AdapterSpec, dict[str, Tensor]]:
     """The spec and tensors of the adapter ``name`` alone (no other adapter, no ``train`` module)."""
-    if name not in saved_names(spec):
-        raise ValueError(f"name={name!r} is not an adapter of the model; its adapters are {saved_names(spec)}")
-    entries = [e for e in spec["adapters"] if e.get("name", "default") == name]
+    if name not in spec.names():
+        raise ValueError(f"name={name!r} is not an adapter of the model; its adapters are {spec.names()}")
+    entries = tuple(e for e in spec.adapters if e.name == name)
     prefix = f"adapter.{name}."  # names have no dot: the prefix is unambiguous
-    return {**spec, "adapters": entries, "train": []}, {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    return replace(spec, adapters=entries, train=()), {k: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def pick_saved(spec: dict[str, Any], name: str, where: Path, source: str | None = None) -> str:
+def pick_saved(spec: AdapterSpec, name: str, where: Path, source: str | None = None) -> str:
     """Which saved adapter ``load(..., name=name)`` / ``hotswap(..., name=name, source=source)`` reads.
 
     ``source`` when given (it must be saved), else the saved adapter called ``name``, else the only one saved.
     """
-    saved = saved_names(spec)
+    saved = spec.names()
     if source is not None:
         if source not in saved:
             raise ValueError(f"{where}: source={source!r} is not a saved adapter; it holds {saved}")
@@ -130,8 +115,8 @@ def pick_saved(spec: dict[str, Any], name: str, where: Path, source: str | None 
 
 
 def select(
-    spec: dict[str, Any], tensors: dict[str, Tensor], name: str, where: Path
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    spec: AdapterSpec, tensors: dict[str, Tensor], name: str, where: Path
+) -> tuple[AdapterSpec, dict[str, Tensor]]:
     """For ``load(..., name=name)``: the saved adapter called ``name``, else the only one saved, renamed ``name``.
 
     The ``train`` modules of the checkpoint are kept (they are the model's, not an adapter's).
@@ -139,11 +124,11 @@ def select(
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ValueError(f"name={name!r} must be letters, digits, '_' or '-'")
     source = pick_saved(spec, name, where)
-    entries = [{**e, "name": name} for e in spec["adapters"] if e.get("name", "default") == source]
+    entries = tuple(replace(e, name=name) for e in spec.adapters if e.name == source)
     prefix = f"adapter.{source}."
     kept = {f"adapter.{name}.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
     kept.update({k: v for k, v in tensors.items() if k.startswith("train.")})
-    return {**spec, "adapters": entries}, kept
+    return replace(spec, adapters=entries), kept
 
 
 def save(
@@ -172,72 +157,19 @@ def save(
         tensors = tensors_of(model)
     if name is not None:
         spec, tensors = only(spec, tensors, name)
-    if not spec["adapters"] and not spec["train"]:
+    if not spec.adapters and not spec.train:
         raise ValueError("the model has no adapter and no trained module to save")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    spec["tensors_sha256"] = write_tensors(d / TENSOR_FILE, tensors)
-    write_json(d / SPEC_FILE, spec)  # last: a folder is loadable only once both files are in place
+    spec = replace(spec, tensors_sha256=write_tensors(d / TENSOR_FILE, tensors))
+    write_json(d / SPEC_FILE, spec.to_json())  # last: a folder is loadable only once both files are in place
     return d
 
 
-def _str_list(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of strings, not {value!r}")
-    return value
-
-
-def check_header(
-    spec: Any, path: Path, fmt: str, version: int, keys: set[str] | frozenset[str], what: str
-) -> dict[str, Any]:
-    """A spec JSON's ``format`` and ``format_version`` checked; unknown top-level keys warned about.
-
-    ``format`` must equal ``fmt``; ``format_version`` must be an integer in ``[1, version]`` (a newer
-    one asks for an upgrade). Keys outside ``keys`` are tolerated with a warning naming them.
-    """
-    if not isinstance(spec, dict) or spec.get("format") != fmt:
-        raise ValueError(f"{path} is not {what} of loraplex (format must be {fmt!r})")
-    found = spec.get("format_version")
-    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
-        raise ValueError(f"{path}: format_version={found!r} must be a positive integer")
-    if found > version:
-        raise ValueError(
-            f"{path}: format_version={found} is newer than this loraplex reads ({version}); upgrade loraplex"
-        )
-    if extra := sorted(set(spec) - set(keys)):
-        warnings.warn(f"{path}: ignoring unknown keys {extra}", stacklevel=4)
-    return spec
-
-
-def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse and validate a checkpoint's ``adapter.json``; unknown keys only warn."""
+def read_spec(directory: str | os.PathLike[str]) -> AdapterSpec:
+    """Parse and validate a checkpoint's ``adapter.json`` (:meth:`AdapterSpec.from_json`); unknown keys only warn."""
     path = Path(directory) / SPEC_FILE
-    spec = check_header(read_json(path), path, FORMAT, FORMAT_VERSION, SPEC_KEYS, "an adapter spec")
-    entries = spec.get("adapters", [])
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: adapters must be a list, not {entries!r}")
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: each adapter entry must be an object, not {entry!r}")
-        if extra := sorted(set(entry) - ENTRY_KEYS):
-            warnings.warn(f"{path}: ignoring unknown keys {extra} in an adapter entry", stacklevel=3)
-        if entry.get("method") not in METHODS:
-            raise ValueError(
-                f"{path}: method={entry.get('method')!r} is not one of the registered methods: {', '.join(METHODS)}"
-            )
-        if not isinstance(entry.get("options", {}), dict):
-            raise ValueError(f"{path}: options must be an object, not {entry.get('options')!r}")
-        if not isinstance(entry.get("name", "default"), str):
-            raise ValueError(f"{path}: name must be a string, not {entry.get('name')!r}")
-        _str_list(entry.get("layers"), f"{path}: layers")
-        sizes = entry.get("sizes")
-        ok = isinstance(sizes, list) and len(sizes) == len(entry["layers"])
-        if sizes is not None and not (ok and all(isinstance(s, list) and len(s) == 2 for s in sizes)):
-            raise ValueError(f"{path}: sizes must list [in_features, out_features] for each layer, not {sizes!r}")
-    _str_list(spec.get("train", []), f"{path}: train")
-    if not isinstance(spec.get("tensors_sha256", ""), str):
-        raise ValueError(f"{path}: tensors_sha256 must be a string, not {spec['tensors_sha256']!r}")
-    return spec
+    return AdapterSpec.from_json(read_json(path), path)
 
 
 def check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], where: Path) -> None:
@@ -269,24 +201,24 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str | None =
     """
     d = Path(directory)
     spec = read_spec(d)
-    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
+    tensors = read_matching_tensors(spec.tensors_sha256, d / SPEC_FILE, d / TENSOR_FILE)
     if name is not None:
         spec, tensors = select(spec, tensors, name, d)
     current = layers(model)
     plan: list[tuple[str, Adapter]] = []
     with restoring():
-        for entry in spec["adapters"]:
-            name, method = entry.get("name", "default"), entry["method"]
-            options = bind_options(method, entry.get("options", {}))
-            sizes = entry.get("sizes") or [None] * len(entry["layers"])
-            for layer, size in zip(entry["layers"], sizes, strict=True):
+        for entry in spec.adapters:
+            name, method = entry.name, entry.method
+            options = bind_options(method, entry.options)
+            sizes = entry.sizes or [None] * len(entry.layers)
+            for layer, size in zip(entry.layers, sizes, strict=True):
                 if layer not in current:
                     some = ", ".join(list(current)[:8])
                     raise ValueError(
                         f"{d}: the spec adapts layer {layer!r}, which the model lacks or which is not a "
                         f"linear layer; the model's linear layers include: {some}"
                     )
-                if size is not None and list(linear_sizes(current[layer])) != size:
+                if size is not None and tuple(linear_sizes(current[layer])) != size:
                     n_in, n_out = linear_sizes(current[layer])
                     raise ValueError(
                         f"{d}: layer {layer!r} has shape (in={n_in}, out={n_out}) in the model but "
@@ -297,7 +229,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str | None =
                 adapter = build(method, current[layer], options, name, layer)
                 current[layer] = adapter
                 plan.append((layer, adapter))
-    train = spec.get("train", [])
+    train = spec.train
     modules = dict(model.named_modules())
     if missing := [t for t in train if t not in modules]:
         raise ValueError(f"{d}: the spec trains module {missing[0]!r}, which the model lacks")

@@ -32,6 +32,7 @@ from loraplex.adapter import Adapter, root_layer, weight_of
 from loraplex.adapters.lora import lora_scale
 from loraplex.inject import adapters, bind_options, layers
 from loraplex.io import SPEC_FILE, TENSOR_FILE, pick_saved, read_matching_tensors, read_spec
+from loraplex.spec import AdapterSpec
 
 # Options that never change what an adapter computes in eval mode: a hot-swap ignores them (the model keeps its own).
 INFERENCE_NEUTRAL = frozenset({"dropout"})
@@ -528,16 +529,16 @@ def prepare_hotswap(model: nn.Module, max_rank: int, *, name: str = "default") -
     return model
 
 
-def saved_layers(spec: dict[str, Any], source: str) -> dict[str, tuple[str, dict[str, Any], list[int] | None]]:
-    """``layer -> (method, bound options, [in, out])`` of the saved adapter ``source``."""
-    out: dict[str, tuple[str, dict[str, Any], list[int] | None]] = {}
-    for entry in spec["adapters"]:
-        if entry.get("name", "default") != source:
+def saved_layers(spec: AdapterSpec, source: str) -> dict[str, tuple[str, dict[str, Any], tuple[int, int] | None]]:
+    """``layer -> (method, bound options, (in, out))`` of the saved adapter ``source``."""
+    out: dict[str, tuple[str, dict[str, Any], tuple[int, int] | None]] = {}
+    for entry in spec.adapters:
+        if entry.name != source:
             continue
-        options = bind_options(entry["method"], entry.get("options", {}))
-        sizes = entry.get("sizes") or [None] * len(entry["layers"])
-        for layer, size in zip(entry["layers"], sizes, strict=True):
-            out[layer] = (entry["method"], options, size)
+        options = bind_options(entry.method, entry.options)
+        sizes = entry.sizes or [None] * len(entry.layers)
+        for layer, size in zip(entry.layers, sizes, strict=True):
+            out[layer] = (entry.method, options, size)
     return out
 
 
@@ -624,7 +625,7 @@ def hotswap(
     """
     d = Path(directory)
     spec = read_spec(d)
-    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
+    tensors = read_matching_tensors(spec.tensors_sha256, d / SPEC_FILE, d / TENSOR_FILE)
     current = {layer: a for layer, (_, a) in named_layers(model, name).items()}
     src = pick_saved(spec, name, d, source)
     saved = saved_layers(spec, src)
@@ -637,7 +638,7 @@ def hotswap(
     plan: list[tuple[Adapter, dict[str, Tensor]]] = []
     for layer, a in current.items():
         method, options, size = saved[layer]
-        if size is not None and list(size) != [a.in_features, a.out_features]:
+        if size is not None and size != (a.in_features, a.out_features):
             raise ValueError(
                 f"{d}: layer {layer!r} has (in={size[0]}, out={size[1]}) saved but "
                 f"(in={a.in_features}, out={a.out_features}) in the model"
@@ -647,13 +648,13 @@ def hotswap(
         plan.append((a, swap_plan(a, layer, method, options, mine, d)))
     modules = dict(model.named_modules())
     train: list[tuple[Tensor, Tensor]] = []
-    for t in spec.get("train", []):
-        if t not in modules:
-            raise ValueError(f"{d}: the checkpoint trains module {t!r}, which the model lacks")
-        for k, v in modules[t].state_dict(keep_vars=True).items():
-            saved_t = tensors.get(f"train.{t}.{k}")
+    for m in spec.train:
+        if m not in modules:
+            raise ValueError(f"{d}: the checkpoint trains module {m!r}, which the model lacks")
+        for k, v in modules[m].state_dict(keep_vars=True).items():
+            saved_t = tensors.get(f"train.{m}.{k}")
             if saved_t is None or saved_t.shape != v.shape or saved_t.dtype != v.dtype:
-                raise ValueError(f"{d}: tensor 'train.{t}.{k}' is missing or does not match {tuple(v.shape)} {v.dtype}")
+                raise ValueError(f"{d}: tensor 'train.{m}.{k}' is missing or does not match {tuple(v.shape)} {v.dtype}")
             train.append((v, saved_t))
     for a, new in plan:
         own = dict(a.named_parameters()) | dict(a.named_buffers())

@@ -255,7 +255,7 @@ def test_save_load_round_trip_reproduces_the_outputs(tmp_path: Path) -> None:
     assert len(set(ranks.values())) > 1  # the point of GoRA: per-layer ranks
     path = loraplex.save(model, tmp_path / "gora")
     spec = loraplex.io.read_spec(path)
-    assert len(spec["adapters"]) == len(set(ranks.values()))  # one entry per distinct (rank, alpha)
+    assert len(spec.adapters) == len(set(ranks.values()))  # one entry per distinct (rank, alpha)
     fresh = loraplex.load(SPECS["block"].make(), path)
     assert {n: a.rank for n, a in loraplex.adapters(fresh)} == ranks
     x = SPECS["block"].input()

@@ -38,6 +38,7 @@ from loraplex.linalg import (
     singular_values,
     stable_rank,
 )
+from loraplex.spec import AdapterSpec
 
 Row = dict[str, Any]
 _BLOCK = re.compile(r"\.(\d+)\.")  # "encoder.layer.3.attention" -> block 3
@@ -280,18 +281,18 @@ def load_model(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | N
     model = pretrained(AutoModel)
     if not _fits(model, spec, tensors):
         model = pretrained(AutoModelForSequenceClassification)
-        labels = _num_labels(model, spec.get("train", []), tensors)
+        labels = _num_labels(model, list(spec.train), tensors)
         if labels is not None:
             model = pretrained(AutoModelForSequenceClassification, num_labels=labels)
     return load(model, adapter).eval()
 
 
-def _fits(model: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bool:
+def _fits(model: nn.Module, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> bool:
     """Whether the spec's layers and trained modules (with their exact tensor names) exist in ``model``."""
     modules = dict(model.named_modules())
-    if any(n not in modules for e in spec["adapters"] for n in e["layers"]):
+    if any(n not in modules for e in spec.adapters for n in e.layers):
         return False
-    for t in spec.get("train", []):  # "" is the whole model (finetune --method full)
+    for t in spec.train:  # "" is the whole model (finetune --method full)
         saved = {k for k in tensors if k.startswith(f"train.{t}.")}
         if t not in modules or saved != {f"train.{t}.{k}" for k in modules[t].state_dict()}:
             return False

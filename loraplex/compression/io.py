@@ -7,6 +7,7 @@ A compressed folder holds:
 * ``compression.json``: the format tag, the model class name, the dtype, and every compressed layer
   with its shape and rank (``{"kind": "lowrank", "in": .., "out": .., "rank": .., "bias": ..}``) or,
   for the Kronecker / Hadamard layers, its options (``{"kind": "kronecker", ..., "options": {..}}``);
+  a typed record, :class:`CompressionSpec` (its ``from_json`` is the one place the JSON is checked);
 * for a HuggingFace model, its ``config.json`` (and whatever the caller adds, e.g. the tokenizer).
 
 Every file is written atomically (temporary file in the folder, fsync, rename), the JSON last, so a
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +61,95 @@ def _structured() -> dict[str, type[nn.Module]]:
     return {"lowrank": LowRankLinear, **LAYERS}
 
 
-def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The compressed layers of ``model`` as JSON: ``{name: {kind, in, out, bias, rank | options}}``."""
+@dataclass(frozen=True)
+class CompressedLayer:
+    """One compressed layer of ``compression.json``: ``kind``, sizes, bias, and ``rank`` (``lowrank``) or ``options``.
+
+    ``options`` (the Kronecker / Hadamard layers' integer shape options) stay a dict, passed to the
+    layer's constructor on load (which refuses options that do not fit).
+    """
+
+    kind: str
+    in_features: int
+    out_features: int
+    bias: bool
+    rank: int | None = None
+    options: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        head = {"kind": self.kind, "in": self.in_features, "out": self.out_features}
+        if self.kind == "lowrank":
+            return head | {"rank": self.rank, "bias": self.bias}
+        return head | {"bias": self.bias, "options": self.options}
+
+    @classmethod
+    def from_json(cls, entry: Any, name: str, where: Path) -> CompressedLayer:
+        kinds = _structured()
+        ok = isinstance(entry, dict) and entry.get("kind") in kinds
+        low = ok and entry["kind"] == "lowrank"
+        sizes = ("in", "out", "rank") if low else ("in", "out")
+        ok = ok and all(
+            isinstance(entry.get(k), int) and not isinstance(entry[k], bool) and entry[k] > 0 for k in sizes
+        )
+        if ok and not low:
+            opts = entry.get("options")
+            ok = isinstance(opts, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in opts.values())
+        if not ok or not isinstance(entry.get("bias"), bool):
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            hint = f" (kind={kind!r} is not one of {', '.join(kinds)})" if kind not in kinds else ""
+            raise ValueError(f"{where}: layer {name!r} has a malformed entry {entry!r}{hint}")
+        if extra := sorted(set(entry) - {"kind", "in", "out", "rank", "bias", "options"}):
+            warnings.warn(f"{where}: ignoring unknown keys {extra} in layer {name!r}", stacklevel=4)
+        e = entry
+        return cls(e["kind"], e["in"], e["out"], e["bias"], e["rank"] if low else None, None if low else e["options"])
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """``compression.json`` as a typed record; :meth:`from_json` is the one place it is checked.
+
+    :meth:`to_json` writes format version 1 with the keys in the order loraplex always wrote them.
+    """
+
+    model_class: str
+    dtype: str
+    layers: dict[str, CompressedLayer]
+    tensors_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT, "format_version": self.format_version}
+        out |= {"model_class": self.model_class, "dtype": self.dtype}
+        out["layers"] = {name: e.to_json() for name, e in self.layers.items()}
+        return out if self.tensors_sha256 is None else out | {"tensors_sha256": self.tensors_sha256}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: Path) -> CompressionSpec:
+        spec = check_header(obj, where, FORMAT, FORMAT_VERSION, SPEC_KEYS, "a compressed model")
+        layers = spec.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError(f"{where}: 'layers' must be an object")
+        entries = {name: CompressedLayer.from_json(e, name, where) for name, e in layers.items()}
+        model_class, dtype, digest = spec.get("model_class"), spec.get("dtype"), spec.get("tensors_sha256", "")
+        if not isinstance(model_class, str) or not isinstance(dtype, str):
+            raise ValueError(f"{where}: 'model_class' and 'dtype' must be strings")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"{where}: dtype={dtype!r} is not a torch dtype")
+        if not isinstance(digest, str):
+            raise ValueError(f"{where}: tensors_sha256 must be a string")
+        return cls(model_class, dtype, entries, spec.get("tensors_sha256"), spec["format_version"])
+
+
+def structure(model: nn.Module) -> dict[str, CompressedLayer]:
+    """The compressed layers of ``model``: ``{name: CompressedLayer}``."""
     kinds = {cls: kind for kind, cls in _structured().items()}
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, CompressedLayer] = {}
     for name, m in model.named_modules():
         kind = kinds.get(type(m))
         if kind == "lowrank":
-            out[name] = {"kind": kind, "in": m.in_features, "out": m.out_features, "rank": m.rank,
-                         "bias": m.up.bias is not None}  # fmt: skip
+            out[name] = CompressedLayer(kind, m.in_features, m.out_features, m.up.bias is not None, rank=m.rank)
         elif kind is not None:
-            out[name] = {"kind": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                         "options": m.options()}  # fmt: skip
+            out[name] = CompressedLayer(kind, m.in_features, m.out_features, m.bias is not None, options=m.options())
     return out
 
 
@@ -80,47 +159,19 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     d.mkdir(parents=True, exist_ok=True)
     params = list(model.parameters())
     dtype = str(params[0].dtype).removeprefix("torch.") if params else "float32"
-    spec = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_class": type(model).__name__,
-        "dtype": dtype,
-        "layers": structure(model),
-    }
+    spec = CompressionSpec(type(model).__name__, dtype, structure(model))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         write_text(d / "config.json", config.to_json_string())
-    spec["tensors_sha256"] = write_tensors(d / TENSOR_FILE, model.state_dict())
-    write_json(d / SPEC_FILE, spec)  # last: the folder is loadable only once everything is in place
+    spec = replace(spec, tensors_sha256=write_tensors(d / TENSOR_FILE, model.state_dict()))
+    write_json(d / SPEC_FILE, spec.to_json())  # last: the folder is loadable only once everything is in place
     return d
 
 
-def read_compression_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated ``compression.json`` of ``directory``."""
+def read_compression_spec(directory: str | os.PathLike[str]) -> CompressionSpec:
+    """The validated ``compression.json`` of ``directory`` (:meth:`CompressionSpec.from_json`)."""
     where = Path(directory) / SPEC_FILE
-    spec = check_header(read_json(where), where, FORMAT, FORMAT_VERSION, SPEC_KEYS, "a compressed model")
-    layers = spec.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"{where}: 'layers' must be an object")
-    kinds = _structured()
-    for name, entry in layers.items():
-        ok = isinstance(entry, dict) and entry.get("kind") in kinds
-        sizes = ("in", "out", "rank") if ok and entry["kind"] == "lowrank" else ("in", "out")
-        ok = ok and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in sizes)
-        if ok and entry["kind"] != "lowrank":
-            opts = entry.get("options")
-            ok = isinstance(opts, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in opts.values())
-        if not ok or not isinstance(entry.get("bias"), bool):
-            kind = entry.get("kind") if isinstance(entry, dict) else None
-            hint = f" (kind={kind!r} is not one of {', '.join(kinds)})" if kind not in kinds else ""
-            raise ValueError(f"{where}: layer {name!r} has a malformed entry {entry!r}{hint}")
-        if extra := sorted(set(entry) - {"kind", "in", "out", "rank", "bias", "options"}):
-            warnings.warn(f"{where}: ignoring unknown keys {extra} in layer {name!r}", stacklevel=3)
-    if not isinstance(spec.get("model_class"), str) or not isinstance(spec.get("dtype"), str):
-        raise ValueError(f"{where}: 'model_class' and 'dtype' must be strings")
-    if not isinstance(spec.get("tensors_sha256", ""), str):
-        raise ValueError(f"{where}: tensors_sha256 must be a string")
-    return spec
+    return CompressionSpec.from_json(read_json(where), where)
 
 
 def _hf_model(directory: Path, class_name: str) -> nn.Module:
@@ -147,14 +198,14 @@ def _host(model: nn.Module, class_name: str) -> nn.Module:
     return model
 
 
-def _empty_layer(e: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    if e["kind"] == "lowrank":
-        return LowRankLinear(e["in"], e["out"], e["rank"], bias=e["bias"], device=device, dtype=dtype)
-    cls: Any = _structured()[e["kind"]]
+def _empty_layer(e: CompressedLayer, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    if e.rank is not None:
+        return LowRankLinear(e.in_features, e.out_features, e.rank, bias=e.bias, device=device, dtype=dtype)
+    cls: Any = _structured()[e.kind]
     try:
-        return cls(e["in"], e["out"], e["bias"], **e["options"], device=device, dtype=dtype)
+        return cls(e.in_features, e.out_features, e.bias, **(e.options or {}), device=device, dtype=dtype)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"options {e['options']!r} do not fit a {e['kind']} layer: {err}") from err
+        raise ValueError(f"options {e.options!r} do not fit a {e.kind} layer: {err}") from err
 
 
 def _expected(host: nn.Module, new: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -172,15 +223,13 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
     """The compressed model saved in ``directory`` (built from its config, or put into ``model``)."""
     d = Path(directory)
     spec = read_compression_spec(d)
-    dtype = getattr(torch, spec["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{d / SPEC_FILE}: dtype={spec['dtype']!r} is not a torch dtype")
-    tensors = read_matching_tensors(spec, d / SPEC_FILE, d / TENSOR_FILE)
+    dtype = getattr(torch, spec.dtype)
+    tensors = read_matching_tensors(spec.tensors_sha256, d / SPEC_FILE, d / TENSOR_FILE)
     if model is None:
-        model = _hf_model(d, spec["model_class"])
-    host = _host(model, spec["model_class"])
+        model = _hf_model(d, spec.model_class)
+    host = _host(model, spec.model_class)
     new: dict[str, nn.Module] = {}
-    for name, e in spec["layers"].items():
+    for name, e in spec.layers.items():
         try:
             old = host.get_submodule(name)
         except AttributeError as err:
@@ -189,8 +238,10 @@ def load_compressed(directory: str | os.PathLike[str], model: nn.Module | None =
         if not isinstance(w, torch.Tensor):
             raise ValueError(f"{d}: layer {name!r} of the model given is a {type(old).__name__}, not a linear layer")
         shape = tuple(w.shape) if isinstance(old, nn.Linear) else tuple(w.shape[::-1])
-        if shape != (e["out"], e["in"]):
-            raise ValueError(f"{d}: layer {name!r} has weight shape {shape}, the file has ({e['out']}, {e['in']})")
+        if shape != (e.out_features, e.in_features):
+            raise ValueError(
+                f"{d}: layer {name!r} has weight shape {shape}, the file has {(e.out_features, e.in_features)}"
+            )
         try:
             new[name] = _empty_layer(e, w.device, dtype).train(old.training)
         except ValueError as err:
