@@ -27,7 +27,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("adapter", ("loraplex.adapter", "loraplex.options")),  # the Adapter base class, the option declarations and checks
     ("adapters", ("loraplex.adapters",)),  # the methods
     ("inject", ("loraplex.inject",)),  # adapt / targets
-    ("io", ("loraplex.io", "loraplex.checkpoint", "loraplex.peft_io")),  # saving and loading
+    ("io", ("loraplex.spec", "loraplex.io", "loraplex.checkpoint", "loraplex.peft_io")),  # saving and loading
     ("named", ("loraplex.named",)),  # named adapters: activate, remove, merge, mixed batches, hot-swap
     ("rank", ("loraplex.rank",)),  # rank allocators
     ("optim", ("loraplex.optim",)),  # optimisers and the --optimizer registry
