@@ -237,3 +237,26 @@ def track_steps(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapters_of(model: nn.Module, method: str | None, name: str | None, who: str) -> dict[str, Adapter]:
+    """``layer -> adapter`` of ``method`` (None: any) called ``name`` (None: their only name in the model).
+
+    The allocators' selection (and ``export_peft``'s). By method name, not isinstance: doctests import the
+    modules a second time (``--import-mode=importlib``), whose classes are not those that built the adapters.
+
+    Raises:
+        ValueError: no such adapter (the message, which starts with ``who``, lists the model's methods); several
+            names and ``name`` None; a ``name`` that is none of them.
+    """
+    found = [(n, a) for n, a in adapters(model) if method is None or a.method == method]
+    names, what = sorted({a.name for _, a in found}), f"{method} adapters" if method else "adapters"
+    if not found:
+        methods = sorted({a.method for _, a in adapters(model)}) or ["none"]
+        how = f" (loraplex.adapt(model, {method!r}))" if method else ""
+        raise ValueError(f"{who} needs a model with {what}{how}; this model has: {', '.join(methods)}")
+    if name is None and len(names) > 1:
+        raise ValueError(f"the model has several {what} {names}; pass name=")
+    if name is not None and name not in names:
+        raise ValueError(f"name={name!r} is not one of the model's {what} {names}")
+    return {n: a for n, a in found if a.name == (names[0] if name is None else name)}

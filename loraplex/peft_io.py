@@ -28,8 +28,7 @@ from torch import Tensor, nn
 from loraplex.adapter import Adapter, restoring
 from loraplex.adapters import METHODS
 from loraplex.files import read_json, read_tensors, write_json, write_tensors
-from loraplex.inject import add_trained, bind_options, build, layers, match, trained_modules
-from loraplex.named import adapters_of
+from loraplex.inject import adapters_of, add_trained, bind_options, build, layers, match, trained_modules
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from loraplex.adapter import check_int
 from loraplex.adapters.adalora import AdaLoRA
-from loraplex.named import adapters_of
+from loraplex.inject import adapters_of
 from loraplex.rank.base import Allocator
 
 PARTS = ("A", "E", "B")

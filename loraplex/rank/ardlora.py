@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.adapters.ardlora import ARDLoRA
-from loraplex.named import adapters_of
+from loraplex.inject import adapters_of
 from loraplex.rank.base import Allocator
 
 

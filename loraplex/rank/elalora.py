@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from loraplex.adapter import check_int
 from loraplex.adapters.elalora import ElaLoRA
-from loraplex.named import adapters_of
+from loraplex.inject import adapters_of
 from loraplex.rank.adalora import PARTS, add_orth_gradients, triplet_scores, update_emas
 from loraplex.rank.base import Allocator
 
