@@ -184,8 +184,7 @@ def check_fraction(name: str, value: Any) -> float:
 
 def check_nonnegative(name: str, value: Any) -> float:
     """A finite number ``>= 0`` (a penalty weight, a threshold)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    validate({name: Option("float", None, "", nonneg=True)}, {name: value})
     return float(value)
 
 

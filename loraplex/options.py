@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Kind = Literal["int", "float", "prob", "bool", "choice"]
+Kind = Literal["int", "float", "prob", "unit", "betas", "bool", "choice"]
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,10 @@ class Option:
     """One keyword option of a method.
 
     ``kind``: ``int`` (an integer ``>= low``; ``special`` lists other accepted integers, such as
-    ``decompose_factor=-1``), ``float`` (a finite number; ``positive``: ``> 0``, ``nonzero``: ``!= 0``),
-    ``prob`` (a number in ``[0, 1)``), ``bool`` (True or False), ``choice`` (one of ``choices``).
+    ``decompose_factor=-1``), ``float`` (a finite number; ``positive``: ``> 0``, ``nonneg``: ``>= 0``,
+    ``nonzero``: ``!= 0``), ``prob`` (a number in ``[0, 1)``), ``unit`` (a number in ``(0, 1)``, an EMA
+    factor), ``betas`` (a pair of numbers in ``[0, 1)``, Adam's), ``bool`` (True or False), ``choice``
+    (one of ``choices``).
     ``optional``: None is accepted too (it means "derive it"). ``size``: the option that sets the
     parameter count (``size_option``, compare's budgets). ``checked``: False when the method checks the
     option itself because its meaning depends on another option (then the table only documents it).
@@ -39,6 +41,7 @@ class Option:
     help: str
     low: int = 1
     positive: bool = False
+    nonneg: bool = False
     nonzero: bool = False
     choices: tuple[str, ...] = ()
     special: tuple[int, ...] = ()
@@ -54,9 +57,11 @@ class Option:
         if self.kind == "int":
             return f"an integer >= {self.low}"
         if self.kind == "float":
-            return "a finite non-zero number" if self.nonzero else "a finite number" + (" > 0" if self.positive else "")
-        if self.kind == "prob":
-            return "a number in [0, 1)"
+            bound = " > 0" if self.positive else " >= 0" if self.nonneg else ""
+            return "a finite non-zero number" if self.nonzero else "a finite number" + bound
+        if self.kind in ("prob", "unit", "betas"):
+            ranges = {"prob": "a number in [0, 1)", "unit": "a number in (0, 1)"}
+            return ranges.get(self.kind, "a pair of numbers in [0, 1)")
         if self.kind == "bool":
             return "True or False"
         return f"one of {', '.join(map(repr, self.choices))}"
@@ -68,14 +73,20 @@ class Option:
             return isinstance(value, bool)
         if self.kind == "choice":
             return value in self.choices
+        if self.kind == "betas":
+            prob = Option("prob", 0.0, "")
+            return isinstance(value, tuple | list) and len(value) == 2 and all(map(prob.accepts, value))
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.kind == "int":
             return isinstance(value, int) and (value >= self.low or value in self.special)
         if self.kind == "prob":
             return 0.0 <= value < 1.0
+        if self.kind == "unit":
+            return 0.0 < value < 1.0
         finite = math.isfinite(value)
-        return finite and not (self.positive and value <= 0) and not (self.nonzero and value == 0)
+        low = (self.positive and value <= 0) or (self.nonneg and value < 0)
+        return finite and not low and not (self.nonzero and value == 0)
 
     def describe(self) -> str:
         """One line of documentation: the valid values and the meaning (``loraplex methods``)."""

@@ -34,6 +34,7 @@ from loraplex.decompose.hadamard import hadamard_als
 from loraplex.decompose.kronecker import kronecker_ranked, nearest_kronecker, rearrange
 from loraplex.inject import adapters
 from loraplex.linalg import svd_factors
+from loraplex.options import Option, validate
 from loraplex.rank.gora import average_gradients
 
 
@@ -150,6 +151,17 @@ def _fitted(model: nn.Module) -> list[tuple[str, Adapter]]:
     return found
 
 
+RESTARTS = Option("int", 3, "random restarts of LoHa's alternating least squares (the best fit is kept)")
+# init_from_weight's and init_from_gradient's keyword options (loraplex/options.py)
+WEIGHT_OPTIONS = {"residual": Option("bool", True, "set the base weight to W0 - ΔW"), "restarts": RESTARTS}
+GRADIENT_OPTIONS = {
+    "scale": Option("float", None, "the step size c (None: relative · ‖W0‖ / ‖G‖)", positive=True, optional=True),
+    "relative": Option("float", 1e-2, "the step's size relative to ‖W0‖ when scale is None", positive=True),
+    "n_steps": Option("int", None, "gradient pre-pass batches (None: every batch)", optional=True),
+    "restarts": RESTARTS,
+}
+
+
 def init_from_weight(model: nn.Module, *, residual: bool = True, restarts: int = 3) -> dict[str, float]:
     """Fit every LoHa / LoKr / LoKH adapter's ΔW to its frozen base weight ``W0``; returns the relative errors.
 
@@ -159,8 +171,7 @@ def init_from_weight(model: nn.Module, *, residual: bool = True, restarts: int =
     adapters on one layer are fitted innermost first, each to the (residual) root weight at its turn.
     Keys: ``"layer name/adapter name"``.
     """
-    if not isinstance(residual, bool):
-        raise ValueError(f"residual={residual!r} must be True or False")
+    validate(WEIGHT_OPTIONS, locals())
     errors = {}
     for name, a in _fitted(model):
         errors[f"{name}/{a.name}"] = fit_adapter(a, a.weight.detach().float(), restarts=restarts)
@@ -196,10 +207,7 @@ def init_from_gradient(
     whatever the loss scale. ``⟨ΔW, G⟩ < 0`` whenever the fit has relative error below 1. Returns the
     relative errors of the fits, keyed ``"layer name/adapter name"``.
     """
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0):
-        raise ValueError(f"scale={scale!r} must be None or a number > 0")
-    if isinstance(relative, bool) or not isinstance(relative, int | float) or not relative > 0:
-        raise ValueError(f"relative={relative!r} must be a number > 0")
+    validate(GRADIENT_OPTIONS, locals())
     found = _fitted(model)
     names = sorted({n for n, _ in found})
     G = average_gradients(model, names, batches, loss_fn, n_steps)

@@ -7,8 +7,15 @@ from typing import Any
 from torch import nn
 
 from loraplex.inject import adapters
+from loraplex.options import Option, validate
 
 RATIO = 16.0  # the paper's recommended λ = η_B / η_A = 2^4 (also PEFT's examples)
+# lora_plus's options (loraplex/options.py); lr has no default
+LORA_PLUS_OPTIONS = {
+    "lr": Option("float", None, "the learning rate of A (and of every other slow parameter)", positive=True),
+    "ratio": Option("float", RATIO, "B's learning rate over A's (the paper recommends 16)", positive=True),
+    "weight_decay": Option("float", 0.0, "weight decay (not on biases and norms)", nonneg=True),
+}
 
 # Modules whose parameters get no weight decay: PEFT's ALL_LAYERNORM_LAYERS is [nn.LayerNorm]; every other
 # normalisation's affine parameters are exempt too (transformers' own RMSNorms are found by class name).
@@ -69,10 +76,7 @@ def lora_plus(model: nn.Module, lr: float, ratio: float = RATIO, weight_decay: f
         [(1, 0.0001), (1, 0.0016)]
         >>> optimizer = torch.optim.AdamW(groups)
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio > 0:
-        raise ValueError(f"ratio={ratio!r} must be a number > 0 (the paper recommends 16)")
-    if not isinstance(lr, int | float) or not lr > 0:
-        raise ValueError(f"lr={lr!r} must be a number > 0")
+    validate(LORA_PLUS_OPTIONS, locals())
     fast_ids = set()
     for _, a in adapters(model):
         fast_ids |= {id(B) for _, B, _ in a.product_pairs()} | {id(B) for _, B, _, _ in a.factor_blocks()}

@@ -51,8 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from loraplex.adapter import check_choice, check_nonnegative
 from loraplex.inject import adapters
+from loraplex.options import Option, validate
 
 MODES = ("full", "low")
 OTHERS = ("refuse", "adamw")
@@ -218,6 +218,18 @@ class LoRAPro(torch.optim.Optimizer):
         2
     """
 
+    declared_options = {
+        "lr": Option("float", 1e-3, "learning rate", nonneg=True),
+        "betas": Option("betas", (0.9, 0.999), "Adam's moment factors"),
+        "eps": Option("float", 1e-8, "Adam's eps (keeps m / (sqrt(v) + eps) finite)", positive=True),
+        "weight_decay": Option("float", 0.0, "decoupled weight decay", nonneg=True),
+        "mode": Option(
+            "choice", "full", "full: the paper's AdamW on the full gradient; low: AdamW on A, B", choices=MODES
+        ),
+        "ridge": Option("float", 1e-8, "added to the Gram matrices and Sylvester denominators", nonneg=True),
+        "others": Option("choice", "refuse", "what to do with a trainable non-factorised adapter", choices=OTHERS),
+    }
+
     def __init__(
         self,
         model: nn.Module,
@@ -229,17 +241,7 @@ class LoRAPro(torch.optim.Optimizer):
         ridge: float = 1e-8,
         others: str = "refuse",
     ) -> None:
-        check_choice("mode", mode, MODES)
-        check_nonnegative("lr", lr)
-        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(isinstance(b, int | float) for b in betas)):
-            raise ValueError(f"betas={betas!r} must be a pair of numbers in [0, 1)")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas={betas!r} must be in [0, 1)")
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps < float("inf"):
-            raise ValueError(f"eps={eps!r} must be a finite number > 0 (it keeps m / (sqrt(v) + eps) finite)")
-        check_nonnegative("weight_decay", weight_decay)
-        check_nonnegative("ridge", ridge)
-        check_choice("others", others, OTHERS)
+        validate(self.declared_options, locals())
         pairs = _pairs(model, others)
         if not pairs:
             raise ValueError(

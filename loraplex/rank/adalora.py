@@ -16,9 +16,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_int
 from loraplex.adapters.adalora import AdaLoRA
 from loraplex.inject import adapters_of
+from loraplex.options import Option, validate
 from loraplex.rank.base import Allocator
 
 PARTS = ("A", "E", "B")
@@ -192,6 +192,15 @@ class AdaLoRAAllocator(Allocator):
     """
 
     name = "adalora"
+    declared_options = {
+        "target_r": Option("int", 8, "the average rank the budget ends at"),
+        "tinit": Option("int", 0, "steps without masking at the start", low=0),
+        "tfinal": Option("int", 0, "steps with a fixed mask at the end", low=0),
+        "deltaT": Option("int", 1, "steps between two maskings"),
+        "beta1": Option("unit", 0.85, "EMA factor of the sensitivity"),
+        "beta2": Option("unit", 0.85, "EMA factor of the uncertainty"),
+        "orth_reg_weight": Option("float", 0.5, "weight of the orthogonality regulariser", nonneg=True),
+    }
 
     def __init__(
         self,
@@ -207,23 +216,15 @@ class AdaLoRAAllocator(Allocator):
         orth_reg_weight: float = 0.5,
         name: str | None = None,
     ) -> None:
+        validate(self.declared_options, locals())
         super().__init__(model, total_steps)
         found = adapters_of(model, AdaLoRA.method, name, "the adalora allocator")
         self.layers: dict[str, AdaLoRA] = {n: cast(AdaLoRA, a) for n, a in found.items()}
-        self.target_r = check_int("target_r", target_r)
-        self.tinit, self.tfinal = check_int("tinit", tinit, low=0), check_int("tfinal", tfinal, low=0)
-        self.deltaT = check_int("deltaT", deltaT)
+        self.target_r, self.tinit, self.tfinal, self.deltaT = target_r, tinit, tfinal, deltaT
         if self.tinit >= total_steps - self.tfinal:
             raise ValueError(
                 f"tinit={tinit} must be < total_steps - tfinal = {total_steps} - {tfinal}: no budgeting phase is left"
             )
-        for key, beta in (("beta1", beta1), ("beta2", beta2)):
-            if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < 1:
-                raise ValueError(f"{key}={beta!r} must be a number in (0, 1)")
-        if isinstance(orth_reg_weight, bool) or not isinstance(orth_reg_weight, int | float):
-            raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a finite number >= 0")
-        if not math.isfinite(orth_reg_weight) or orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a finite number >= 0")
         self.beta1, self.beta2, self.orth_reg_weight = float(beta1), float(beta2), float(orth_reg_weight)
         self.init_budget = sum(a.rank for a in self.layers.values())
         self.target_budget = self.target_r * len(self.layers)

@@ -6,7 +6,6 @@ Pure pieces: ``ard_penalty`` (the regulariser) and ``clamp_scales`` (the feasibl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from loraplex.adapters.ardlora import ARDLoRA
 from loraplex.inject import adapters_of
+from loraplex.options import Option, validate
 from loraplex.rank.base import Allocator
 
 
@@ -41,12 +41,6 @@ def ard_penalty(scales: Sequence[Tensor], previous: Sequence[Tensor], l1: float,
 def clamp_scales(scale: Tensor, rank: int) -> None:
     """``α ← clamp(α, 1/r0, 1)`` in place: effective ranks between 1 and r0 (``effective_ranks``)."""
     scale.clamp_(1.0 / rank, 1.0)
-
-
-def _check_weight(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-    return float(value)
 
 
 class ARDLoRAAllocator(Allocator):
@@ -108,6 +102,11 @@ class ARDLoRAAllocator(Allocator):
     """
 
     name = "ardlora"
+    declared_options = {
+        "l1": Option("float", 1e-3, "weight of sum |alpha|", nonneg=True),
+        "tv": Option("float", 1e-4, "weight of sum |alpha - alpha_prev|", nonneg=True),
+        "lr_scale": Option("float", 10.0, "alpha's optimizer step is multiplied by this (0: frozen)", nonneg=True),
+    }
 
     def __init__(
         self,
@@ -119,11 +118,11 @@ class ARDLoRAAllocator(Allocator):
         lr_scale: float = 10.0,
         name: str | None = None,
     ) -> None:
+        validate(self.declared_options, locals())
         super().__init__(model, total_steps)
         found = adapters_of(model, ARDLoRA.method, name, "the ardlora allocator")
         self.layers: dict[str, ARDLoRA] = {n: cast(ARDLoRA, a) for n, a in found.items()}
-        self.l1, self.tv = _check_weight("l1", l1), _check_weight("tv", tv)
-        self.lr_scale = _check_weight("lr_scale", lr_scale)
+        self.l1, self.tv, self.lr_scale = float(l1), float(tv), float(lr_scale)
         self.prev: dict[str, Tensor] = {n: a.rank_scale.detach().clone() for n, a in self.layers.items()}
         self._seen: dict[str, Tensor] | None = None  # α as this step's forward used it (set in before_step)
 

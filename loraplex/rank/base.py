@@ -23,6 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loraplex.options import Option, validate
+
+STEPS = {"total_steps": Option("int", None, "the optimizer steps of the whole run")}
+
 
 class Allocator:
     """Base class of rank allocators (see the module docstring for the loop contract).
@@ -33,13 +37,14 @@ class Allocator:
     """
 
     name: ClassVar[str]
+    # the keyword options (loraplex/options.py); each subclass validates them with ``validate(.., locals())``
+    declared_options: ClassVar[dict[str, Option]] = {}
     # True for allocators that replace parameters (ElaLoRA's resizes): after a ``step`` that set
     # ``self.resized``, a DDP wrapper must be rebuilt (``loraplex.finetune`` does); FSDP is refused.
     resizes: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, total_steps: int) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps={total_steps!r} must be an integer >= 1")
+        validate(STEPS, {"total_steps": total_steps})
         self.model = model
         self.total_steps = total_steps
         self.t = 0  # optimizer steps seen

@@ -16,9 +16,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from loraplex.adapter import check_int
 from loraplex.adapters.elalora import ElaLoRA
 from loraplex.inject import adapters_of
+from loraplex.options import Option, validate
 from loraplex.rank.adalora import PARTS, add_orth_gradients, triplet_scores, update_emas
 from loraplex.rank.base import Allocator
 
@@ -209,6 +209,19 @@ class ElaLoRAAllocator(Allocator):
 
     name = "elalora"
     resizes = True
+    declared_options = {
+        "b": Option("int", 4, "ranks pruned and grown per update (at the start of the schedule)"),
+        "k": Option("int", 2, "the most ranks one matrix offers for pruning per update"),
+        "init_warmup": Option("int", None, "steps without changes at the start", low=0, optional=True),
+        "final_warmup": Option("int", None, "steps without changes at the end", low=0, optional=True),
+        "mask_interval": Option("int", None, "steps between two updates", optional=True),
+        "beta1": Option("unit", 0.85, "EMA factor of the sensitivity"),
+        "beta2": Option("unit", 0.85, "EMA factor of the uncertainty"),
+        "reg_orth_coef": Option("float", 0.1, "weight of the orthogonality regulariser", nonneg=True),
+        "enable_scheduler": Option("bool", True, "decay b along b_at; False keeps b fixed"),
+        "seed": Option("int", 0, "seed of the generator of new directions", low=0),
+        "ddp_rewrap": Option("bool", False, "the loop rebuilds its DDP wrapper after resizes"),
+    }
 
     def __init__(
         self,
@@ -228,9 +241,8 @@ class ElaLoRAAllocator(Allocator):
         name: str | None = None,
         ddp_rewrap: bool = False,
     ) -> None:
+        validate(self.declared_options, locals())
         super().__init__(model, total_steps)
-        if not isinstance(ddp_rewrap, bool):
-            raise ValueError(f"ddp_rewrap={ddp_rewrap!r} must be True or False")
         dist = torch.distributed
         if not ddp_rewrap and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(
@@ -240,28 +252,19 @@ class ElaLoRAAllocator(Allocator):
             )
         found = adapters_of(model, ElaLoRA.method, name, "the elalora allocator")
         self.layers: dict[str, ElaLoRA] = {n: cast(ElaLoRA, a) for n, a in found.items()}
-        self.b0, self.k = check_int("b", b), check_int("k", k)
+        self.b0, self.k = b, k
         warm = min(500, total_steps // 5)
-        self.init_warmup = check_int("init_warmup", warm if init_warmup is None else init_warmup, low=0)
-        self.final_warmup = check_int("final_warmup", warm if final_warmup is None else final_warmup, low=0)
-        interval = min(100, max(1, total_steps // 25))
-        self.mask_interval = check_int("mask_interval", interval if mask_interval is None else mask_interval)
+        self.init_warmup = warm if init_warmup is None else init_warmup
+        self.final_warmup = warm if final_warmup is None else final_warmup
+        self.mask_interval = min(100, max(1, total_steps // 25)) if mask_interval is None else mask_interval
         if self.init_warmup + self.final_warmup >= total_steps:
             raise ValueError(
                 f"init_warmup={self.init_warmup} + final_warmup={self.final_warmup} must be < total_steps="
                 f"{total_steps}: no budgeting phase is left"
             )
-        for key, beta in (("beta1", beta1), ("beta2", beta2)):
-            if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < 1:
-                raise ValueError(f"{key}={beta!r} must be a number in (0, 1)")
-        ok = isinstance(reg_orth_coef, int | float) and not isinstance(reg_orth_coef, bool)
-        if not ok or not math.isfinite(reg_orth_coef) or reg_orth_coef < 0:
-            raise ValueError(f"reg_orth_coef={reg_orth_coef!r} must be a finite number >= 0")
-        if not isinstance(enable_scheduler, bool):
-            raise ValueError(f"enable_scheduler={enable_scheduler!r} must be True or False")
         self.beta1, self.beta2, self.reg_orth_coef = float(beta1), float(beta2), float(reg_orth_coef)
         self.enable_scheduler = enable_scheduler
-        self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
+        self.generator = torch.Generator().manual_seed(seed)
         self.avg: dict[str, dict[str, Tensor]] = {}  # layer -> part -> sensitivity EMA
         self.unc: dict[str, dict[str, Tensor]] = {}  # layer -> part -> uncertainty EMA
         # layer -> part -> per rank slice, the optimizer state step at which it was grown (0: not grown / fresh)

@@ -36,8 +36,6 @@ from torch import Tensor, nn
 
 from loraplex.adapter import (
     Adapter,
-    check_choice,
-    check_dropout,
     check_int,
     is_conv1d,
     linear_sizes,
@@ -45,6 +43,7 @@ from loraplex.adapter import (
     weight_of,
 )
 from loraplex.inject import Targets, adapt, layers, resolve
+from loraplex.options import Option, validate
 
 IMPORTANCES = (
     "union_frobenius_norm",  # ‖W ⊙ G‖_F, the reference's default
@@ -173,10 +172,24 @@ def average_gradients(
     return {n: g / count for n, g in G.items()}
 
 
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a finite number > 0")
-    return float(value)
+# gora_init's keyword options (loraplex/options.py); loss_fn, targets, train and name are resolved where used.
+GORA_OPTIONS = {
+    "rank": Option("int", 8, "r_base, the average rank that sets the budget", size=True),
+    "alpha": Option("float", 16.0, "LoRA alpha", positive=True),
+    "n_steps": Option("int", None, "pre-pass batches (None: every batch)", optional=True),
+    "importance": Option("choice", "union_frobenius_norm", "the layer importance", choices=IMPORTANCES),
+    "r_min": Option("int", 1, "the smallest rank (0: a layer may get no adapter)", low=0),
+    "r_max": Option("int", 9999, "the largest rank (>= r_min)"),
+    "lr_g": Option("float", 5e-2, "the pre-pass step size", positive=True),
+    "scale_by_lr": Option("bool", True, "scale the initial update by lr_g (else by stable_gamma)"),
+    "rslora": Option("bool", False, "rank-stabilised scaling alpha / sqrt(r)"),
+    "dynamic_scaling": Option("bool", True, "scale by each layer's rank (else by rank)"),
+    "stable_gamma": Option("float", 0.02, "gamma without scale_by_lr", positive=True),
+    "dropout": Option("prob", 0.0, "dropout on the adapters' input"),
+    "seed": Option(
+        "int", None, "seeds A's generator (None: from torch's RNG)", low=-(2**63), optional=True, rule="an integer"
+    ),
+}
 
 
 def gora_init(
@@ -238,21 +251,8 @@ def gora_init(
         >>> [a.method for _, a in loraplex.adapters(model)]  # plain LoRA, ranks from the gradients
         ['lora', 'lora']
     """
-    check_int("rank", rank)
-    _check_positive("alpha", alpha)
-    if n_steps is not None:
-        check_int("n_steps", n_steps)
-    check_choice("importance", importance, IMPORTANCES)
-    check_int("r_min", r_min, low=0)
+    validate(GORA_OPTIONS, locals())
     check_int("r_max", r_max, low=max(r_min, 1))
-    _check_positive("lr_g", lr_g)
-    _check_positive("stable_gamma", stable_gamma)
-    for flag, value in (("scale_by_lr", scale_by_lr), ("rslora", rslora), ("dynamic_scaling", dynamic_scaling)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{flag}={value!r} must be True or False")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed={seed!r} must be an integer or None")
-    check_dropout(dropout)
     names = resolve(model, targets)
     for n, layer in layers(model).items():  # fail before the pre-pass, not after it
         if n in names and name in {a.name for a in Adapter.stack(layer)}:
