@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
+import torch
 from torch import nn
 
 from loraplex import METHODS
@@ -84,3 +86,108 @@ def test_loraplex_methods_prints_every_declared_option(capsys: pytest.CaptureFix
     for cls in METHODS.values():
         for name, option in cls.declared_options.items():
             assert f"{name}={option.default!r}" in out and option.describe() in out, (cls.method, name)
+
+
+# Allocators, initialisers, optimizers and the decomposition inits (issue 19) -------------------------
+
+NOT_OPTIONS = {"model", "batches", "loss_fn", "targets", "train", "name", "total_steps"}  # resolved where used
+
+
+def component_tables() -> dict[str, tuple[object, dict[str, Option]]]:
+    from loraplex.decompose.init import GRADIENT_OPTIONS, WEIGHT_OPTIONS, init_from_gradient, init_from_weight
+    from loraplex.optim.loraplus import LORA_PLUS_OPTIONS, lora_plus
+    from loraplex.optim.lorapro import LoRAPro
+    from loraplex.optim.registry import OPTIMIZERS
+    from loraplex.rank import ALLOCATORS, INITIALISERS
+    from loraplex.rank.gora import GORA_OPTIONS
+
+    assert set(OPTIMIZERS) == {"adamw", "lora-plus", "lora-pro"} and set(INITIALISERS) == {"gora"}
+    tables: dict[str, tuple[object, dict[str, Option]]] = {
+        f"allocator {n}": (cls.__init__, cls.declared_options) for n, cls in ALLOCATORS.items()
+    }
+    return tables | {
+        "initialiser gora": (INITIALISERS["gora"].init, GORA_OPTIONS),
+        "optimizer lora-plus": (lora_plus, LORA_PLUS_OPTIONS),
+        "optimizer lora-pro": (LoRAPro.__init__, LoRAPro.declared_options),
+        "init_from_weight": (init_from_weight, WEIGHT_OPTIONS),
+        "init_from_gradient": (init_from_gradient, GRADIENT_OPTIONS),
+    }
+
+
+@pytest.mark.parametrize("component", sorted(component_tables()))
+def test_component_declarations_match_the_signature(component: str) -> None:
+    fn, declared = component_tables()[component]
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name not in NOT_OPTIONS | {"self"}]  # type: ignore[arg-type]
+    assert list(declared) == [p.name for p in params], component
+    for p in params:
+        option, default = declared[p.name], p.default
+        if default is inspect.Parameter.empty:  # a required option (lora_plus's lr)
+            assert option.default is None, (component, p.name)
+            continue
+        assert option.default == default and type(option.default) is type(default), (component, p.name)
+        assert option.accepts(option.default) or option.optional, (component, p.name)
+        assert option.help and option.checked, (component, p.name)
+
+
+def _call(component: str, **options: object) -> object:
+    """Build ``component`` on a tiny model of the methods it needs, with ``options``."""
+    import loraplex
+    from loraplex.decompose.init import init_from_gradient, init_from_weight
+    from loraplex.optim.loraplus import lora_plus
+    from loraplex.optim.lorapro import LoRAPro
+    from loraplex.rank import ALLOCATORS
+    from loraplex.rank.gora import gora_init
+
+    def model(method: str = "lora") -> nn.Module:
+        return loraplex.adapt(
+            nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), method, rank=10 if method == "adalora" else 2
+        )
+
+    loss = lambda m, b: m(b).square().mean()  # noqa: E731
+    kind, _, name = component.partition(" ")
+    if kind == "allocator":
+        return ALLOCATORS[name](model(name), 10, **options)
+    if component == "initialiser gora":
+        return gora_init(nn.Sequential(nn.Linear(8, 8)), [torch.randn(2, 8)], loss_fn=loss, **options)
+    if component == "optimizer lora-plus":
+        return lora_plus(model(), **{"lr": 1e-3, **options})  # type: ignore[arg-type]
+    if component == "optimizer lora-pro":
+        return LoRAPro(model(), **options)  # type: ignore[arg-type]
+    if component == "init_from_weight":
+        return init_from_weight(model("loha"), **options)  # type: ignore[arg-type]
+    return init_from_gradient(model("loha"), loss, [torch.randn(2, 8)], **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("component", sorted(component_tables()))
+def test_components_refuse_a_bad_declared_value_with_the_declared_message(component: str) -> None:
+    _, declared = component_tables()[component]
+    _call(component)  # the defaults are accepted
+    for name, option in declared.items():
+        bad = "bogus" if option.kind != "choice" else 3
+        with pytest.raises(ValueError, match=f"^{name}={bad!r} must be {re.escape(option.must())}$"):
+            _call(component, **{name: bad})
+
+
+def test_the_new_kinds() -> None:
+    declared = {
+        "beta": Option("unit", 0.85, "b"),
+        "weight": Option("float", 0.5, "w", nonneg=True),
+        "betas": Option("betas", (0.9, 0.999), "bs"),
+    }
+    cases = {
+        "beta": (1.0, "beta=1.0 must be a number in (0, 1)"),
+        "weight": (-0.1, "weight=-0.1 must be a finite number >= 0"),
+        "betas": ((0.9, 1.0), "betas=(0.9, 1.0) must be a pair of numbers in [0, 1)"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(ValueError) as e:
+            validate(declared, {name: value})
+        assert str(e.value) == message
+    for bad in (0, True, math.nan, "0.5"):
+        assert not declared["beta"].accepts(bad)
+    for bad in (math.inf, math.nan, True):
+        assert not declared["weight"].accepts(bad)
+    for bad in ((0.9,), (0.9, True), (0.9, math.nan), "ab", (0.9, 0.99, 0.999)):
+        assert not declared["betas"].accepts(bad)
+    good = {"beta": 0.5, "weight": 0, "betas": [0, 0.5]}
+    assert validate(declared, good) is good

@@ -45,7 +45,8 @@ import loraplex
 from loraplex import METHODS, Adapter
 from loraplex.inject import bind_options
 from loraplex.options import Option
-from loraplex.rank.gora import IMPORTANCES, gora_init
+from loraplex.rank import ALLOCATORS
+from loraplex.rank.gora import GORA_OPTIONS, gora_init
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
@@ -94,7 +95,7 @@ class Opt:
 
     ``kind``: ``int`` (``low`` is the smallest allowed, ``optional`` allows None, ``special`` lists
     extra allowed ints such as lokr's ``decompose_factor=-1``), ``float`` (``positive`` / ``nonzero``
-    constraints), ``prob`` (``[0, 1)``), ``bool``, ``choice`` (``choices``).
+    / ``nonneg`` constraints), ``prob`` (``[0, 1)``), ``unit`` (``(0, 1)``), ``bool``, ``choice`` (``choices``).
     """
 
     kind: str
@@ -103,6 +104,7 @@ class Opt:
     optional: bool = False
     special: tuple[int, ...] = ()
     positive: bool = False
+    nonneg: bool = False
     nonzero: bool = False
     choices: tuple[str, ...] = ()
     fit: Callable[[int, int], st.SearchStrategy[Any]] | None = None  # values that fit an (in, out) layer
@@ -121,9 +123,9 @@ class Opt:
             return not isinstance(v, int) or (v < self.low and v not in self.special)
         if not isinstance(v, int | float) or not math.isfinite(v):
             return True
-        if self.kind == "prob":
-            return not 0 <= v < 1
-        return (self.positive and v <= 0) or (self.nonzero and v == 0)
+        if self.kind in ("prob", "unit"):
+            return not (0 <= v < 1 if self.kind == "prob" else 0 < v < 1)
+        return (self.positive and v <= 0) or (self.nonneg and v < 0) or (self.nonzero and v == 0)
 
 
 def size(low: int = 1, hi: int = 9, **kw: Any) -> Opt:
@@ -175,11 +177,15 @@ def declared(o: Option) -> Opt:
         return PROB
     if o.kind == "choice":
         return choice(*o.choices)
+    if o.kind == "unit":  # an EMA factor
+        return Opt("unit", st.floats(0.01, 0.99))
     if o.kind == "float":
-        return POSITIVE if o.positive else number(nonzero=o.nonzero)
+        return POSITIVE if o.positive else number(0.0, nonneg=True) if o.nonneg else number(nonzero=o.nonzero)
     if o.special:  # lokr / lokh's decompose_factor=-1
         return Opt("int", st.sampled_from((*o.special, *range(o.low, o.low + 4))), low=o.low, special=o.special)
-    return opt_size() if o.optional else size(o.low, o.low + 8)
+    if o.optional:
+        return Opt("int", st.none() | st.integers(o.low, o.low + 8), low=o.low, optional=True)
+    return size(o.low, o.low + 8)
 
 
 # Hand-written overrides: sizes that must fit the layer (``fit``) or stay small, and ranges narrower
@@ -206,21 +212,16 @@ SPACES: dict[str, dict[str, Opt]] = {
     for method, cls in METHODS.items()
 }
 
-GORA_SPACE: dict[str, Opt] = {
-    "rank": size(),
-    "alpha": POSITIVE,
+# GoRA's space: from GORA_OPTIONS, with small pre-passes and rank clamps, step sizes that keep ΔW0 finite.
+GORA_OVERRIDES: dict[str, Opt] = {
     "n_steps": opt_size(3),
-    "importance": choice(*IMPORTANCES),
     "r_min": size(0, 3),
     "r_max": size(1, 16),
     "lr_g": number(1e-3, 1.0, positive=True),
-    "scale_by_lr": BOOL,
-    "rslora": BOOL,
-    "dynamic_scaling": BOOL,
     "stable_gamma": number(1e-3, 1.0, positive=True),
-    "dropout": PROB,
     "seed": Opt("int", st.none() | st.integers(0, 2**31), low=-(2**63), optional=True),
 }
+GORA_SPACE: dict[str, Opt] = {name: GORA_OVERRIDES.get(name) or declared(o) for name, o in GORA_OPTIONS.items()}
 
 
 def option_names(method: str) -> list[str]:
@@ -480,41 +481,48 @@ def test_fuzz_gora(data: st.DataObject) -> None:
 # Rank allocators: their options, then a short training run under them ------------------------------
 
 NAME = Opt("choice", st.none() | st.just("default"), optional=True, choices=("default",))
-BETA = number(0.01, 0.99)
-ALLOCATOR_SPACES: dict[str, dict[str, Opt]] = {
+WARMUP = Opt("int", st.none() | st.integers(0, 3), low=0, optional=True)
+# The allocators' spaces: from their declared_options (plus ``name``, the adapter picked), with schedules that
+# fit a run of a few steps and regulariser weights that keep it finite.
+ALLOCATOR_OVERRIDES: dict[str, dict[str, Opt]] = {
     "adalora": {
         "target_r": size(1, 8),
         "tinit": size(0, 3),
         "tfinal": size(0, 3),
         "deltaT": size(1, 3),
-        "beta1": BETA,
-        "beta2": BETA,
-        "orth_reg_weight": number(0.0, 2.0),
-        "name": NAME,
+        "orth_reg_weight": number(0.0, 2.0, nonneg=True),
     },
     "elalora": {
         "b": size(1, 4),
         "k": size(1, 3),
-        "init_warmup": Opt("int", st.none() | st.integers(0, 3), low=0, optional=True),
-        "final_warmup": Opt("int", st.none() | st.integers(0, 3), low=0, optional=True),
+        "init_warmup": WARMUP,
+        "final_warmup": WARMUP,
         "mask_interval": opt_size(3),
-        "beta1": BETA,
-        "beta2": BETA,
-        "reg_orth_coef": number(0.0, 2.0),
-        "enable_scheduler": BOOL,
-        "seed": Opt("int", st.integers(0, 99), low=-(2**63)),
-        "name": NAME,
-        "ddp_rewrap": BOOL,
+        "reg_orth_coef": number(0.0, 2.0, nonneg=True),
+        "seed": size(0, 99),
     },
-    "ardlora": {"l1": number(0.0, 1.0), "tv": number(0.0, 1.0), "lr_scale": number(0.0, 100.0), "name": NAME},
+    "ardlora": {
+        "l1": number(0.0, 1.0, nonneg=True),
+        "tv": number(0.0, 1.0, nonneg=True),
+        "lr_scale": number(0.0, 100.0, nonneg=True),
+    },
+}
+ALLOCATOR_SPACES: dict[str, dict[str, Opt]] = {
+    method: {
+        name: ALLOCATOR_OVERRIDES.get(method, {}).get(name) or declared(o) for name, o in cls.declared_options.items()
+    }
+    | {"name": NAME}
+    for method, cls in ALLOCATORS.items()
 }
 STEPS = Opt("int", st.integers(1, 8))
 
 
 def test_every_allocator_has_a_fuzz_space() -> None:
-    from loraplex.rank import ALLOCATORS
-
-    assert set(ALLOCATOR_SPACES) == set(ALLOCATORS)
+    """The allocator and GoRA spaces come from the declarations; an override must name a declared option."""
+    assert set(ALLOCATOR_SPACES) == set(ALLOCATORS) and set(GORA_OVERRIDES) <= set(GORA_SPACE)
+    for method, names in ALLOCATOR_OVERRIDES.items():
+        assert set(names) <= set(ALLOCATORS[method].declared_options), method
+    assert ALLOCATOR_SPACES["adalora"]["beta1"].wrong(1.0) and ALLOCATOR_SPACES["ardlora"]["tv"].wrong(-0.1)
     for name, cls in ALLOCATORS.items():
         params = inspect.signature(cls.__init__).parameters
         assert set(ALLOCATOR_SPACES[name]) == {p for p in params if params[p].kind is inspect.Parameter.KEYWORD_ONLY}
