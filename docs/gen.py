@@ -162,23 +162,6 @@ def paragraphs(doc: str) -> list[str]:
     return out
 
 
-def args_section(doc: str) -> dict[str, str]:
-    """``name -> description`` from a Google-style ``Args:`` section."""
-    m = re.search(r"^Args:\n((?:    .*\n?|\n)*)", doc, flags=re.M)
-    if not m:
-        return {}
-    out: dict[str, str] = {}
-    key = None
-    for line in m.group(1).splitlines():
-        item = re.match(r"^    (\w+): (.*)$", line)
-        if item:
-            key = item.group(1)
-            out[key] = item.group(2)
-        elif key and line.startswith("        "):
-            out[key] += " " + line.strip()
-    return out
-
-
 def decisions(doc: str) -> list[str]:
     """The docstring's paragraphs recording a choice where the reference is silent or unclear."""
     pattern = re.compile(r"not pinned down|decid|decision|our design|our definition", re.I)
@@ -220,6 +203,25 @@ def readme_peft_column() -> dict[str, str]:
     return out
 
 
+def options_cell(cls: type) -> str:
+    """The README methods table's options cell: the declared option names, in declaration order."""
+    return ", ".join(f"`{key}`" for key in cls.declared_options)  # type: ignore[attr-defined]
+
+
+def readme_with_options(text: str) -> str:
+    """The README ``text`` with each methods-table row's options cell generated from the declarations."""
+    from loraplex import METHODS
+
+    def row(m: re.Match[str]) -> str:
+        cells = m.group(0).split(" | ")
+        cells[2] = options_cell(METHODS[m.group(1)])
+        return " | ".join(cells)
+
+    return re.sub(
+        r"^\| `([a-z0-9_]+)` \|.*$", lambda m: row(m) if m.group(1) in METHODS else m.group(0), text, flags=re.M
+    )
+
+
 # --------------------------------------------------------------------------- pages
 
 
@@ -241,7 +243,6 @@ def _num(n: float) -> str:
 def method_page(name: str, compare: dict[str, CompareRow], others: list[CompareRow], speed: dict[str, Any]) -> str:
     """The Markdown page of method ``name``."""
     from loraplex import METHODS
-    from loraplex.cli import method_options
 
     cls = METHODS[name]
     doc = inspect.getdoc(cls) or ""
@@ -249,8 +250,8 @@ def method_page(name: str, compare: dict[str, CompareRow], others: list[CompareR
     summary = paras[0].replace("\n", " ") if paras else cls.__name__
     update = paras[1] if len(paras) > 1 else "(not in the docstring)"
     shapes = [p for p in paras if p.startswith("Shapes:")]
-    options = method_options(cls)
-    described = args_section(doc)
+    declared = cls.declared_options
+    options = {key: option.default for key, option in declared.items()}
     peft_cell = readme_peft_column().get(name, "–")
     lines = [f"# `{name}`: {cls.__name__}", "", markdown_of(summary), ""]
 
@@ -270,15 +271,17 @@ def method_page(name: str, compare: dict[str, CompareRow], others: list[CompareR
     if cls.size_option:
         lines += [f"`loraplex compare` sets `{cls.size_option}` to meet a parameter budget.", ""]
 
-    lines += ["## Options", "", "| option | default | meaning (from the docstring) |", "|---|---|---|"]
-    for key, default in options.items():
-        lines.append(f"| `{key}` | `{default!r}` | {_cell(described.get(key, ''))} |")
+    lines += ["## Options", "", "| option | default | valid values | meaning |", "|---|---|---|---|"]
+    for key, option in declared.items():
+        valid = option.must() + (" or None" if option.optional else "")
+        size = " (the size option)" if option.size else ""
+        lines.append(f"| `{key}` | `{option.default!r}` | {_cell(valid)} | {_cell(option.help)}{size} |")
     lines += [
         "",
-        "Defaults are the keyword defaults of the constructor "
-        f"(`inspect.signature(loraplex.METHODS[{name!r}].__init__)`); where each comes from is written in "
-        "the class docstring (below). Set them with `loraplex.adapt(model, "
-        f"{name!r}, key=value)` or `loraplex finetune --method {name} --option key=value`.",
+        f"Generated from the method's declarations (`loraplex.METHODS[{name!r}].declared_options`, "
+        "checked against the constructor's signature by the tests); where each default comes from is "
+        f"written in the class docstring (below). Set them with `loraplex.adapt(model, {name!r}, key=value)` "
+        f"or `loraplex finetune --method {name} --option key=value`.",
         "",
     ]
 
@@ -542,6 +545,10 @@ def on_config(config: Any) -> Any:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--readme"]:  # regenerate the README methods table's options cells
+        readme = ROOT / "README.md"
+        readme.write_text(readme_with_options(readme.read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
     written = write()
     print(f"docs/gen.py: {len(pages())} generated files, {len(written)} changed")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -32,11 +31,6 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(f"--option {pair!r} must look like key=value")
         out[key] = _value(val)
     return out
-
-
-def method_options(cls: type) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

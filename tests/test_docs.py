@@ -31,15 +31,3 @@ def test_readme_block_runs(index: int, tmp_path, monkeypatch) -> None:
         with torch.no_grad():
             namespace["model"].eval()
             torch.testing.assert_close(namespace["fresh"].eval()(**batch).logits, namespace["model"](**batch).logits)
-
-
-def test_readme_methods_table_lists_every_method_with_its_paper_and_options() -> None:
-    from loraplex import METHODS
-    from loraplex.cli import method_options
-
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_]+)` \|.*$", README.read_text(), flags=re.M)}
-    assert set(rows) == set(METHODS)
-    for name, cls in METHODS.items():
-        assert cls.paper in rows[name], name
-        for option in method_options(cls):
-            assert f"`{option}`" in rows[name], f"{name}: option {option} missing from the README table"

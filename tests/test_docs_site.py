@@ -130,3 +130,16 @@ def test_mkdocs_builds_strict(tmp_path, monkeypatch) -> None:
     build(config)
     assert (tmp_path / "site" / "generated" / "methods" / "lora" / "index.html").exists()
     assert (tmp_path / "site" / "generated" / "accuracy_vs_params.png").exists()
+
+
+def test_readme_methods_table_lists_every_method_with_its_paper_and_declared_options() -> None:
+    """The options cells are generated from ``declared_options`` (``python docs/gen.py --readme``)."""
+    from loraplex import METHODS
+
+    text = (ROOT / "README.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_]+)` \|.*$", text, flags=re.M)}
+    assert set(rows) == set(METHODS)
+    for name, cls in METHODS.items():
+        assert cls.paper in rows[name], name
+        assert rows[name].split(" | ")[2] == gen.options_cell(cls), f"{name}: run python docs/gen.py --readme"
+    assert gen.readme_with_options(text) == text
