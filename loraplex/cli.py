@@ -12,6 +12,7 @@ from loraplex._version import __version__
 from loraplex.adapters import METHODS
 from loraplex.compression.lord import COMPRESSION_METHODS, SOLVERS
 from loraplex.optim.registry import OPTIMIZERS
+from loraplex.rank import ALLOCATORS
 from loraplex.train import allocator_names
 
 
@@ -34,14 +35,32 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """Each method's paper, formula and declared options (``declared_options``: default, valid values, meaning)."""
+    """Each method's paper, formula and declared options (``declared_options``: default, valid values, meaning),
+    then each allocator's."""
     for name, cls in METHODS.items():
         print(f"{name:10s} {cls.__name__}  {cls.paper}")
         print(f"{'':10s} trainable parameters per layer: {cls.formula}")
         print(f"{'':10s} options:")
         for key, option in cls.declared_options.items():
             print(f"{'':12s} {f'{key}={option.default!r}':24s} {option.describe()}")
+    for name, allocator in ALLOCATORS.items():
+        print(f"{name:10s} allocator {allocator.__name__} (--allocator {name} --allocator-option KEY=VALUE)")
+        for key, option in allocator.declared_options.items():
+            print(f"{'':12s} {f'{key}={option.default!r}':24s} {option.describe()}")
     return 0
+
+
+def options_epilog() -> str:
+    """``finetune --help``'s list of every method's and allocator's declared options, with their defaults."""
+
+    def line(name: str, table: dict[str, Any]) -> str:
+        return f"  {name}: " + (", ".join(f"{k}={o.default!r}" for k, o in table.items()) or "(none)")
+
+    out = ["method options (--option KEY=VALUE; `loraplex methods` gives each one's valid values and meaning):"]
+    out += [line(name, cls.declared_options) for name, cls in METHODS.items()]
+    out += ["allocator options (--allocator-option KEY=VALUE):"]
+    out += [line(name, cls.declared_options) for name, cls in ALLOCATORS.items()]
+    return "\n".join(out)
 
 
 def _targets(text: str) -> Any:
@@ -181,7 +200,12 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list every method with its paper, options and parameter formula")
     m.set_defaults(func=cmd_methods)
 
-    f = sub.add_parser("finetune", help="fine-tune a local HuggingFace model for text classification")
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune a local HuggingFace model for text classification",
+        epilog=options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _data_args(f)
     f.add_argument("--method", default="lora", choices=[*sorted(METHODS), "full"], help="full: full fine-tuning")
     f.add_argument("--rank", type=int)

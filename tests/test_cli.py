@@ -27,6 +27,21 @@ def test_methods_lists_every_method_with_paper_options_formula(capsys) -> None:
     assert "rank=8" in out and "init='kaiming'" in out
 
 
+def test_finetune_help_lists_every_declared_option(capsys) -> None:
+    """The help is generated from the declarations: every method's and allocator's options with defaults."""
+    from loraplex.rank import ALLOCATORS
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    assert e.value.code == 0
+    methods, allocators = capsys.readouterr().out.split("method options (")[1].split("allocator options (")
+    for text, registry in ((methods, loraplex.METHODS), (allocators, ALLOCATORS)):
+        lines = {line.split(": ")[0].strip(): line for line in text.splitlines() if ": " in line}
+        for name, cls in registry.items():
+            for key, option in cls.declared_options.items():
+                assert f"{key}={option.default!r}" in lines[name], f"{name}: {key}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dora", "singlora"])
 def test_finetune_writes_adapter_and_metrics(method: str, tmp_path, capsys) -> None:
