@@ -93,8 +93,9 @@ TARGETS = {
 PROJ = "proj"  # the layer suite's one layer
 # method -> target group other than "all" (minilm suite); LoRA on the same group is timed too
 GROUP: dict[str, str] = {"circulant": "square", "toeplitz": "square", "ldr": "square", "adapter": "outputs"}
-# Options of each method in this benchmark: LoRA r=8's neighbourhood, or the method's PEFT default.
-OPTIONS: dict[str, dict[str, Any]] = {
+# The benchmark's departures from the declared defaults (``loraplex.METHODS[m].declared_options``): LoRA
+# r=8's neighbourhood, or the method's PEFT default; every other option is the declared default.
+OVERRIDES: dict[str, dict[str, Any]] = {
     "lora": {"rank": 8, "alpha": 16},
     "dora": {"rank": 8, "alpha": 16},
     "gralora": {"rank": 8, "alpha": 16, "k": 2},
@@ -104,20 +105,25 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "loldu": {"rank": 8},  # r trained values per layer
     "singlora": {"rank": 8, "alpha": 8},
     "bora": {"rank": 8, "alpha": 16},
-    "kronecker": {},  # the automatic factor: 16 for 384 x 384, 24 for 384 <-> 1536
     "loha": {"rank": 8, "alpha": 8},  # PEFT's defaults
-    "lokr": {},  # PEFT's defaults
-    "lokh": {},
-    "circulant": {},
-    "toeplitz": {},
-    "ldr": {},
-    "adapter": {},  # bottleneck 64
     "adalora": {"rank": 12, "alpha": 8},  # PEFT's AdaLoraConfig: init_r 12 (budgeted down to target_r 8), lora_alpha 8
     "elalora": {"rank": 10, "alpha": 16},  # the reference's scripts (loraplex's defaults)
     "ardlora": {"rank": 8, "alpha": 16},  # LoRA r=8, one rank scale per layer (loraplex's defaults)
+    # kronecker: the automatic factor (16 for 384 x 384, 24 for 384 <-> 1536); lokr: PEFT's defaults; adapter: 64
     "adapter+circulant": {"structure": "circulant"},  # METHOD+VARIANT: the same method with other options
     # the official SqueezeBits convention: rank 8 in all, 4 of it hybrid (the grid at 4, s = alpha / 8)
     "gralora+official": {"rank": 8, "alpha": 16, "k": 2, "hybrid_rank": 4, "convention": "official"},
+}
+
+
+def declared_defaults(method: str) -> dict[str, Any]:
+    return {key: option.default for key, option in loraplex.METHODS[method].declared_options.items()}
+
+
+# Options of each method in this benchmark (and METHOD+VARIANT entries): the declared defaults, overridden.
+OPTIONS: dict[str, dict[str, Any]] = {
+    name: {**declared_defaults(name.split("+")[0]), **OVERRIDES.get(name, {})}
+    for name in [*loraplex.METHODS, *(n for n in OVERRIDES if "+" in n)]
 }
 
 

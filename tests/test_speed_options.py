@@ -35,6 +35,16 @@ def test_every_registered_method_has_options(speed: ModuleType) -> None:
     assert not missing, f"benchmarks/speed.py OPTIONS has no entry for {missing}"
 
 
+def test_options_are_the_declared_defaults_with_declared_overrides(speed: ModuleType) -> None:
+    """OPTIONS is generated: each method's declared defaults, and OVERRIDES only names declared options."""
+    for name, overrides in speed.OVERRIDES.items():
+        declared = loraplex.METHODS[name.split("+")[0]].declared_options
+        assert set(overrides) <= set(declared), f"{name}: {sorted(set(overrides) - set(declared))} not declared"
+    for name, options in speed.OPTIONS.items():
+        declared = loraplex.METHODS[name.split("+")[0]].declared_options
+        assert options == {k: o.default for k, o in declared.items()} | speed.OVERRIDES.get(name, {}), name
+
+
 def test_options_name_registered_methods_and_build(speed: ModuleType) -> None:
     """Each option set is accepted by its method on the layer suite's square layer (384: MiniLM's width)."""
     for name, options in speed.OPTIONS.items():
