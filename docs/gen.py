@@ -209,17 +209,31 @@ def options_cell(cls: type) -> str:
 
 
 def readme_with_options(text: str) -> str:
-    """The README ``text`` with each methods-table row's options cell generated from the declarations."""
+    """The README ``text`` with each methods-table row's options cell generated from the declarations.
+
+    A registered method without a row gets one after the last: its class name linked to its paper, the
+    options, its formula and no PEFT twin (edit the paper and PEFT cells by hand if they say more).
+    """
     from loraplex import METHODS
 
     def row(m: re.Match[str]) -> str:
+        if m.group(1) not in METHODS:
+            return m.group(0)
         cells = m.group(0).split(" | ")
         cells[2] = options_cell(METHODS[m.group(1)])
         return " | ".join(cells)
 
-    return re.sub(
-        r"^\| `([a-z0-9_]+)` \|.*$", lambda m: row(m) if m.group(1) in METHODS else m.group(0), text, flags=re.M
-    )
+    rows = list(re.finditer(r"^\| `([a-z0-9_]+)` \|.*$", text, flags=re.M))
+    missing = [n for n in METHODS if n not in {m.group(1) for m in rows}]
+    if missing and rows:
+        new = [
+            f"| `{n}` | [{c.__name__}]({c.paper}) | {options_cell(c)} | `{c.formula}` | – |"
+            for n, c in METHODS.items()
+            if n in missing
+        ]
+        end = rows[-1].end()
+        text = text[:end] + "\n" + "\n".join(new) + text[end:]
+    return re.sub(r"^\| `([a-z0-9_]+)` \|.*$", row, text, flags=re.M)
 
 
 # --------------------------------------------------------------------------- pages

@@ -138,7 +138,7 @@ def test_readme_methods_table_lists_every_method_with_its_paper_and_declared_opt
 
     text = (ROOT / "README.md").read_text()
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_]+)` \|.*$", text, flags=re.M)}
-    assert set(rows) == set(METHODS)
+    assert set(rows) == set(METHODS), "run python docs/gen.py --readme"
     for name, cls in METHODS.items():
         assert cls.paper in rows[name], name
         assert rows[name].split(" | ")[2] == gen.options_cell(cls), f"{name}: run python docs/gen.py --readme"
