@@ -23,6 +23,11 @@ FIRST_CASES = [next(c for c in LINEAR_CASES if c.method == m) for m in dict.from
 SPATIAL_CASES = [c for c in WEIGHT_CASES if c.specs[0].name in ("conv", "embed")]
 
 
+def first(method: str):
+    """The matrix's first case of ``method`` (by name: a new case anywhere keeps these tests' cases)."""
+    return next(c for c in CASES if c.method == method)
+
+
 def built(case: Case, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """(base, adapted and perturbed copy, input) on the case's first matrix model."""
     spec = case.specs[0]
@@ -168,7 +173,7 @@ def test_zero_delta_keeps_a_trainable_rank_one_lora() -> None:
 
 
 def test_rank_above_layer_size_is_clamped() -> None:
-    base, model, x = built(CASES[0])  # mlp: fc1 12 -> 20, fc2 20 -> 18
+    base, model, x = built(first("lora"))  # mlp: fc1 12 -> 20, fc2 20 -> 18
     report = to_lora(model, rank=19)
     assert {c.layer: c.rank for c in report.layers} == {"fc1": 12, "fc2": 18}
 
@@ -187,7 +192,7 @@ def test_rank_above_layer_size_is_clamped() -> None:
     ],
 )
 def test_bad_targets_are_refused(kwargs, message) -> None:
-    _, model, _ = built(CASES[0])
+    _, model, _ = built(first("lora"))
     with pytest.raises(ValueError, match=message):
         to_lora(model, **kwargs)
 
@@ -233,7 +238,7 @@ def test_conv1d_gpt2_converts_and_loads_in_peft(tmp_path) -> None:
 
 
 def test_report_summary_and_json() -> None:
-    _, model, _ = built(CASES[4])  # dora on mlp
+    _, model, _ = built(first("dora"))  # on mlp
     report = to_lora(model, rank=2)
     d = json.loads(json.dumps(report.to_dict()))
     assert d["rank"] == 2 and d["energy"] is None and len(d["layers"]) == 2

@@ -25,10 +25,12 @@ INITS = ("kaiming", "gaussian", "pissa", "olora")
 REWRITING_INITS = ("pissa", "olora")
 
 
+RSLORA = Option("bool", False, "scale by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank")
+
+
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     """``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA (https://arxiv.org/abs/2312.03732)."""
-    if not isinstance(rslora, bool):  # a truthy 0 / "no" must not pick a scale silently
-        raise ValueError(f"rslora={rslora!r} must be True or False")
+    validate({"rslora": RSLORA}, {"rslora": rslora})  # a truthy 0 / "no" must not pick a scale silently
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
@@ -38,7 +40,7 @@ def lora_options(inits: tuple[str, ...], init_help: str = "how A and B start") -
         "rank": opt.rank(8),
         "alpha": opt.alpha(16.0),
         "dropout": opt.dropout(),
-        "rslora": opt.flag(False, "scale by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank"),
+        "rslora": RSLORA,
         "init": opt.choice(inits[0], inits, init_help),
     }
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from loraplex.linalg import split_factors
+from loraplex.options import Option, validate
 
 INITS = ("svd", "random")
 
@@ -94,17 +95,19 @@ def check_mask(mask: Tensor | None, W: Tensor) -> Tensor | None:
     return m
 
 
+# The fits' options, with ``als``'s defaults (``hadamard_als`` sweeps 200 times; ``rank``'s bound is the matrix's).
+ALS_OPTIONS = {
+    "reg": Option("float", 0.0, "ridge on each least-squares step", nonneg=True),
+    "max_iter": Option("int", 100, "alternating sweeps at most", low=0),
+    "tol": Option("prob", 1e-7, "stop when the relative error improves by less"),
+    "init": Option("choice", INITS[0], "how the factors start", choices=INITS),
+}
+
+
 def check_options(rank: int, limit: int, reg: float, max_iter: int, tol: float, init: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
         raise ValueError(f"rank={rank!r} must be an integer in [1, {limit}]")
-    if isinstance(reg, bool) or not isinstance(reg, int | float) or not 0 <= reg < float("inf"):
-        raise ValueError(f"reg={reg!r} must be a finite number >= 0")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter={max_iter!r} must be an integer >= 0")
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1:
-        raise ValueError(f"tol={tol!r} must be a number in [0, 1)")
-    if init not in INITS:
-        raise ValueError(f"init={init!r} must be one of {', '.join(map(repr, INITS))}")
+    validate(ALS_OPTIONS, {"reg": reg, "max_iter": max_iter, "tol": tol, "init": init})
 
 
 def generator_of(seed: int | torch.Generator) -> torch.Generator:
